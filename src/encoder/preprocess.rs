@@ -1,0 +1,375 @@
+//! Bytes -> decoded RGB image -> normalised CHW tensor, as a model's
+//! HF-style `preprocessor_config.json` says.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use ndarray::{Array3, ArrayViewMut3};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{ImageError, ModelError};
+
+/// The preprocessing a model expects (parsed from `preprocessor_config.json`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocessing {
+    pub do_resize: bool,
+    /// Target of the shorter side.
+    pub shortest_edge: u32,
+    pub resample: FilterType,
+    pub do_center_crop: bool,
+    pub crop_height: u32,
+    pub crop_width: u32,
+    pub rescale_factor: f32,
+    pub do_normalize: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// The fields we read; HF writes `size`/`crop_size` either as a number or as an object.
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default = "yes")]
+    do_resize: bool,
+    size: Option<Value>,
+    #[serde(default = "bicubic")]
+    resample: u32,
+    #[serde(default = "yes")]
+    do_center_crop: bool,
+    crop_size: Option<Value>,
+    #[serde(default = "yes")]
+    do_rescale: bool,
+    #[serde(default = "one_255")]
+    rescale_factor: f32,
+    #[serde(default = "yes")]
+    do_normalize: bool,
+    image_mean: Option<Vec<f32>>,
+    image_std: Option<Vec<f32>>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn bicubic() -> u32 {
+    3
+}
+fn one_255() -> f32 {
+    1.0 / 255.0
+}
+
+impl Preprocessing {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let err = |reason: String| ModelError::Preprocessor {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Self::from_json(&text).map_err(err)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        // `size` is {"shortest_edge": n}, {"height": h, "width": w} or a bare n.
+        let shortest_edge = match &raw.size {
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::Object(o)) => o
+                .get("shortest_edge")
+                .or_else(|| o.get("height"))
+                .and_then(Value::as_u64),
+            None => Some(224),
+            _ => None,
+        }
+        .ok_or("`size` must be a number or have `shortest_edge`")?
+            as u32;
+        let (crop_height, crop_width) = match &raw.crop_size {
+            Some(Value::Number(n)) => {
+                let n = n.as_u64().ok_or("bad `crop_size`")? as u32;
+                (n, n)
+            }
+            Some(Value::Object(o)) => {
+                let get = |k| o.get(k).and_then(Value::as_u64).map(|v| v as u32);
+                (
+                    get("height").ok_or("`crop_size` needs `height`")?,
+                    get("width").ok_or("`crop_size` needs `width`")?,
+                )
+            }
+            None => (shortest_edge, shortest_edge),
+            _ => return Err("bad `crop_size`".into()),
+        };
+        let triple = |v: Option<Vec<f32>>, name: &str, default: f32| -> Result<[f32; 3], String> {
+            match v {
+                None => Ok([default; 3]),
+                Some(v) if v.len() == 3 => Ok([v[0], v[1], v[2]]),
+                Some(v) if v.len() == 1 => Ok([v[0]; 3]),
+                Some(_) => Err(format!("`{name}` must have 3 values")),
+            }
+        };
+        let std = triple(raw.image_std, "image_std", 1.0)?;
+        if std.iter().any(|s| *s <= 0.0) {
+            return Err("`image_std` must be positive".into());
+        }
+        if shortest_edge == 0 || crop_height == 0 || crop_width == 0 {
+            return Err("sizes must be positive".into());
+        }
+        Ok(Self {
+            do_resize: raw.do_resize,
+            shortest_edge,
+            // PIL's resample codes.
+            resample: match raw.resample {
+                0 => FilterType::Nearest,
+                1 => FilterType::Lanczos3,
+                2 | 4 | 5 => FilterType::Triangle,
+                _ => FilterType::CatmullRom,
+            },
+            do_center_crop: raw.do_center_crop,
+            crop_height,
+            crop_width,
+            rescale_factor: if raw.do_rescale {
+                raw.rescale_factor
+            } else {
+                1.0
+            },
+            do_normalize: raw.do_normalize,
+            mean: triple(raw.image_mean, "image_mean", 0.0)?,
+            std,
+        })
+    }
+
+    /// The tensor size [3, H, W] this preprocessing produces.
+    pub fn output_hw(&self) -> (u32, u32) {
+        if self.do_center_crop {
+            (self.crop_height, self.crop_width)
+        } else {
+            (self.shortest_edge, self.shortest_edge)
+        }
+    }
+
+    /// Decoded image -> [3, H, W] float tensor.
+    pub fn to_tensor(&self, img: &RgbImage) -> Array3<f32> {
+        let (h, w) = self.output_hw();
+        let mut out = Array3::<f32>::zeros((3, h as usize, w as usize));
+        self.write_tensor(img, out.view_mut());
+        out
+    }
+
+    /// Like `to_tensor`, writing into a slot of a batch.
+    pub fn write_tensor(&self, img: &RgbImage, mut out: ArrayViewMut3<f32>) {
+        let resized = self.resize_and_crop(img);
+        let scale = self.rescale_factor;
+        let (mean, std) = if self.do_normalize {
+            (self.mean, self.std)
+        } else {
+            ([0.0; 3], [1.0; 3])
+        };
+        for (x, y, px) in resized.enumerate_pixels() {
+            for c in 0..3 {
+                out[[c, y as usize, x as usize]] = (px[c] as f32 * scale - mean[c]) / std[c];
+            }
+        }
+    }
+
+    fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let (oh, ow) = self.output_hw();
+        let (w, h) = img.dimensions();
+        let resized = if self.do_resize {
+            // Shorter side to `shortest_edge`, the longer one scaled and truncated, as
+            // torchvision's Resize(int) does in the CLIP reference.
+            let s = self.shortest_edge as u64;
+            let (nw, nh) = if w <= h {
+                (s, (s * h as u64 / w as u64).max(1))
+            } else {
+                ((s * w as u64 / h as u64).max(1), s)
+            };
+            if (nw as u32, nh as u32) == (w, h) {
+                img.clone()
+            } else {
+                image::imageops::resize(img, nw as u32, nh as u32, self.resample)
+            }
+        } else {
+            img.clone()
+        };
+        if !self.do_center_crop {
+            return if resized.dimensions() == (ow, oh) {
+                resized
+            } else {
+                image::imageops::resize(&resized, ow, oh, self.resample)
+            };
+        }
+        let (rw, rh) = resized.dimensions();
+        if rw < ow || rh < oh {
+            // Smaller than the crop: the reference pads; scaling up is the closer fit for photos.
+            return image::imageops::resize(&resized, ow, oh, self.resample);
+        }
+        let left = round_half_even((rw - ow) as f64 / 2.0);
+        let top = round_half_even((rh - oh) as f64 / 2.0);
+        image::imageops::crop_imm(&resized, left, top, ow, oh).to_image()
+    }
+}
+
+/// Python's `round` (half to even), which the reference centre crop uses for its offset.
+fn round_half_even(v: f64) -> u32 {
+    let r = v.round();
+    let r = if (v - v.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - 1.0
+    } else {
+        r
+    };
+    r as u32
+}
+
+/// Limits for decoding untrusted bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeLimits {
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024,
+            max_pixels: 25_000_000,
+        }
+    }
+}
+
+/// Decodes untrusted bytes into an upright RGB image.
+///
+/// The format is judged from the content, not from any header or file name. The pixel
+/// count is checked from the image header before any pixel is decoded (decompression
+/// bombs), EXIF orientation is applied, the first frame of an animation is taken, and
+/// transparent pixels are composited over white: product photos with a transparent
+/// background are shown on white pages, and white keeps them like their JPEG copies.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(ImageError::TooLarge {
+            limit: limits.max_bytes,
+        });
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    match reader.format() {
+        None => return Err(ImageError::UnsupportedFormat),
+        // The JPEG decoder fills a cut-off file with grey instead of failing.
+        Some(image::ImageFormat::Jpeg) if !jpeg_has_end(bytes) => {
+            return Err(ImageError::Corrupt("the JPEG data is truncated".into()))
+        }
+        Some(_) => {}
+    }
+    let mut decoder_limits = Limits::default();
+    // Room for the decoded pixels (up to 16-bit RGBA) and the decoder's own buffers.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(64 << 20));
+    reader.limits(decoder_limits);
+    let mut decoder = reader.into_decoder().map_err(map_image_error)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt("the image has no pixels".into()));
+    }
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            limit: limits.max_pixels,
+        });
+    }
+    let orientation = decoder.orientation().ok();
+    let mut img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    Ok(flatten_to_rgb(img))
+}
+
+/// Whether a JPEG has its end-of-image marker after the first scan. Entropy-coded data
+/// stuffs every 0xFF byte, so FF D9 after the first start-of-scan is the real end; an
+/// EXIF thumbnail's own end marker comes before it and does not count.
+fn jpeg_has_end(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        if marker == 0xDA {
+            return bytes[i + 2..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        i += 2 + len;
+    }
+    false
+}
+
+fn map_image_error(e: image::ImageError) -> ImageError {
+    use image::error::ImageError as E;
+    match e {
+        E::Unsupported(u) => match u.kind() {
+            image::error::UnsupportedErrorKind::Format(_) => ImageError::UnsupportedFormat,
+            _ => ImageError::Corrupt(u.to_string()),
+        },
+        E::Limits(l) => ImageError::Corrupt(format!("image exceeds decoding limits ({l})")),
+        other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+/// Any colour type -> 8-bit RGB, alpha composited over white.
+fn flatten_to_rgb(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    RgbImage::from_fn(w, h, |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = p[3] as u32;
+        let blend = |c: u8| ((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+        image::Rgb([blend(p[0]), blend(p[1]), blend(p[2])])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_even_matches_python() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.0), 3);
+        assert_eq!(round_half_even(3.4), 3);
+    }
+
+    #[test]
+    fn parses_both_hf_size_styles() {
+        let new = r#"{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3}"#;
+        let old = r#"{"size": 224, "crop_size": 224, "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5]}"#;
+        let a = Preprocessing::from_json(new).unwrap();
+        let b = Preprocessing::from_json(old).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.output_hw(), (224, 224));
+        assert!(Preprocessing::from_json(r#"{"image_std": [0, 1, 1]}"#).is_err());
+        assert!(Preprocessing::from_json("not json").is_err());
+    }
+
+    #[test]
+    fn transparent_pixels_become_white() {
+        let mut img = image::RgbaImage::new(2, 1);
+        img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
+        img.put_pixel(1, 0, image::Rgba([10, 20, 30, 255]));
+        let rgb = flatten_to_rgb(DynamicImage::ImageRgba8(img));
+        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb.get_pixel(1, 0).0, [10, 20, 30]);
+    }
+}

@@ -1,0 +1,10 @@
+//! search-img: find the products in a shop's MongoDB catalogue that look most like a photo.
+//!
+//! The modules follow the path a search takes:
+//! fetch (image bytes) -> encoder (decode, preprocess, embed) -> store (product vectors in
+//! MongoDB) -> rank (top-k by cosine) -> catalog (join product documents) -> http.
+
+pub mod config;
+pub mod encoder;
+pub mod error;
+pub mod fetch;

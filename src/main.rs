@@ -1,0 +1,3 @@
+fn main() {
+    println!("search-img: service under construction");
+}
