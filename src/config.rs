@@ -106,6 +106,17 @@ pub struct Config {
     /// Vectors read per MongoDB batch when streaming them.
     #[serde(default = "d::vector_batch_size")]
     pub vector_batch_size: u32,
+    /// MongoDB server selection and connect timeout (seconds): how long a request waits
+    /// for an unreachable database before answering 503.
+    #[serde(default = "d::mongo_timeout_secs")]
+    pub mongo_timeout_secs: u64,
+    /// A search brings embeddings up to date first when the last pass is older than this
+    /// (seconds; 0 = before every search).
+    #[serde(default = "d::catalog_sync_interval_secs")]
+    pub catalog_sync_interval_secs: u64,
+    /// How long a search waits for that pass before ranking what is stored (seconds).
+    #[serde(default = "d::search_sync_wait_secs")]
+    pub search_sync_wait_secs: u64,
     /// With CACHE_PRODUCTS=true, how often (seconds) to pick up vectors another instance wrote.
     #[serde(default = "d::cache_sync_interval_secs")]
     pub cache_sync_interval_secs: u64,
@@ -202,6 +213,15 @@ mod d {
     }
     pub fn vector_batch_size() -> u32 {
         1000
+    }
+    pub fn mongo_timeout_secs() -> u64 {
+        5
+    }
+    pub fn catalog_sync_interval_secs() -> u64 {
+        30
+    }
+    pub fn search_sync_wait_secs() -> u64 {
+        20
     }
     pub fn cache_sync_interval_secs() -> u64 {
         30

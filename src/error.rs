@@ -40,6 +40,9 @@ pub enum ModelError {
 pub enum AppError {
     #[error("{0}")]
     BadRequest(String),
+    /// A parameter out of its bounds or of the wrong type (FastAPI answered these 422).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0}")]
     Image(#[from] ImageError),
     #[error("{0}")]
@@ -64,6 +67,7 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Image(ImageError::UnsupportedFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::Image(ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Image(_) => StatusCode::BAD_REQUEST,

@@ -4,7 +4,14 @@
 //! fetch (image bytes) -> encoder (decode, preprocess, embed) -> store (product vectors in
 //! MongoDB) -> rank (top-k by cosine) -> catalog (join product documents) -> http.
 
+pub mod catalog;
 pub mod config;
 pub mod encoder;
 pub mod error;
 pub mod fetch;
+pub mod http;
+pub mod index;
+pub mod monitor;
+pub mod rank;
+pub mod service;
+pub mod store;

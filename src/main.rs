@@ -1,3 +1,96 @@
-fn main() {
-    println!("search-img: service under construction");
+//! `search-img`: serve the API (default), index the catalogue, or watch a running service.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use search_img::config::Config;
+use search_img::service::AppState;
+
+#[derive(Parser)]
+#[command(version, about = "Find the products that look most like a photo")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Bring every product's embedding up to date, with a progress bar.
+    Index,
+    /// Poll a running service's memory and health against the 512 MB budget.
+    Monitor {
+        /// The service's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8001")]
+        url: String,
+        /// The service's process id (default: found by name).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds between lines.
+        #[arg(long, default_value_t = 5)]
+        interval: u64,
+        /// Stop after this many lines (0 = until interrupted).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let cfg = Config::from_env()?;
+                let state = AppState::new(cfg).await?;
+                let warm = state.clone();
+                tokio::spawn(async move { warm.warm_up().await });
+                search_img::http::serve(state).await
+            }
+            Command::Index => index().await,
+            Command::Monitor {
+                url,
+                pid,
+                interval,
+                count,
+            } => search_img::monitor::run(&url, pid, Duration::from_secs(interval), count).await,
+        }
+    })
+}
+
+async fn index() -> anyhow::Result<()> {
+    let cfg = Config::from_env()?;
+    let state = AppState::new(cfg).await?;
+    state.warm_up().await;
+    let progress = Arc::new(|done: usize, total: usize| {
+        let width = 30;
+        let filled = (done * width).checked_div(total).unwrap_or(width);
+        eprint!(
+            "\r[{}{}] {done}/{total}",
+            "#".repeat(filled),
+            " ".repeat(width - filled)
+        );
+        let _ = std::io::stderr().flush();
+    });
+    let report = state.refresh_with_progress(progress).await?;
+    eprintln!();
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LOG_LEVEL")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }

@@ -1,0 +1,176 @@
+//! The two search endpoints. Parameters come as query parameters (what the frontend
+//! sends) or, for `/search/url`, as a JSON body with the same names.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Multipart, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::error::{AppError, ImageError};
+use crate::service::{AppState, SearchResult};
+
+type Results = Result<Json<Vec<SearchResult>>, AppError>;
+type QueryParams = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// `POST /api/v1/search/url?image_url=..&top_k=..&threshold=..` or with a JSON body.
+pub async fn by_url(
+    State(state): State<AppState>,
+    query: QueryParams,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Results {
+    let body = json_object(&headers, &body)?;
+    let params = SearchParams::parse(&state.config, &query_map(query)?, body.as_ref())?;
+    let url = params
+        .image_url
+        .ok_or_else(|| AppError::Invalid("image_url is required".into()))?;
+    Ok(Json(
+        state
+            .search_url(&url, params.top_k, params.threshold)
+            .await?,
+    ))
+}
+
+/// `POST /api/v1/search/image?top_k=..&threshold=..`, multipart with the image in `file`.
+pub async fn by_upload(
+    State(state): State<AppState>,
+    query: QueryParams,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Results {
+    let params = SearchParams::parse(&state.config, &query_map(query)?, None)?;
+    let mut multipart = multipart.map_err(|e| {
+        AppError::Invalid(format!(
+            "send the image as multipart/form-data in the field `file` ({})",
+            e.body_text()
+        ))
+    })?;
+    let bytes = read_file_field(&mut multipart, state.config.max_image_bytes).await?;
+    Ok(Json(
+        state
+            .search_bytes(bytes, params.top_k, params.threshold)
+            .await?,
+    ))
+}
+
+/// Validated search parameters.
+#[derive(Debug, PartialEq)]
+pub struct SearchParams {
+    pub image_url: Option<String>,
+    pub top_k: usize,
+    pub threshold: f32,
+}
+
+impl SearchParams {
+    /// Merges query parameters and (optionally) a JSON object; the body wins.
+    fn parse(
+        cfg: &Config,
+        query: &HashMap<String, String>,
+        body: Option<&Map<String, Value>>,
+    ) -> Result<Self, AppError> {
+        let get = |name: &str| -> Option<Value> {
+            body.and_then(|b| b.get(name).filter(|v| !v.is_null()).cloned())
+                .or_else(|| query.get(name).map(|s| Value::String(s.clone())))
+        };
+        let invalid = |what: &str, v: &Value| AppError::Invalid(format!("{what}, got {}", show(v)));
+        let top_k = match get("top_k") {
+            None => cfg.top_k,
+            Some(v) => match number(&v).filter(|n| n.fract() == 0.0) {
+                Some(n) if (1.0..=50.0).contains(&n) => n as usize,
+                _ => return Err(invalid("top_k must be an integer from 1 to 50", &v)),
+            },
+        };
+        let threshold = match get("threshold") {
+            None => cfg.similarity_threshold,
+            Some(v) => match number(&v) {
+                Some(n) if (0.0..=1.0).contains(&n) => n as f32,
+                _ => return Err(invalid("threshold must be a number from 0 to 1", &v)),
+            },
+        };
+        let image_url = match get("image_url") {
+            None => None,
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Some(v) => return Err(invalid("image_url must be a non-empty string", &v)),
+        };
+        Ok(Self {
+            image_url,
+            top_k,
+            threshold,
+        })
+    }
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()),
+        _ => None,
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+fn query_map(q: QueryParams) -> Result<HashMap<String, String>, AppError> {
+    q.map(|Query(m)| m)
+        .map_err(|e| AppError::Invalid(format!("invalid query string: {}", e.body_text())))
+}
+
+/// The JSON object body of `/search/url`, if there is a body.
+fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Option<Map<String, Value>>, AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.contains("json"));
+    if !is_json {
+        return Err(AppError::Invalid(
+            "send the parameters as query parameters or as a JSON body".into(),
+        ));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(Some(m)),
+        Ok(_) => Err(AppError::Invalid("the JSON body must be an object".into())),
+        Err(e) => Err(AppError::Invalid(format!(
+            "the JSON body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// The `file` field's bytes, refusing more than `max` while reading.
+async fn read_file_field(multipart: &mut Multipart, max: usize) -> Result<Bytes, AppError> {
+    let failed = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            AppError::Image(ImageError::TooLarge { limit: max })
+        } else {
+            AppError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
+        }
+    };
+    while let Some(mut field) = multipart.next_field().await.map_err(failed)? {
+        if field.name() != Some("file") {
+            continue;
+        }
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = field.chunk().await.map_err(failed)? {
+            if buf.len() + chunk.len() > max {
+                return Err(AppError::Image(ImageError::TooLarge { limit: max }));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        return Ok(buf.freeze());
+    }
+    Err(AppError::Invalid(
+        "the multipart body has no field `file`".into(),
+    ))
+}

@@ -1,0 +1,289 @@
+//! Bringing stored embeddings up to date with the catalogue: embed products whose
+//! embedding is missing or stale (image changed, model changed), drop those of deleted
+//! products, and record images that could not be used so they are retried later, not on
+//! every search. Images are fetched concurrently with a bound, embedded `MAX_BATCH_SIZE`
+//! at a time, and each batch is stored as soon as it is done.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{stream, StreamExt};
+use mongodb::bson::DateTime;
+use ndarray::Array3;
+use serde::Serialize;
+
+use crate::catalog::{Catalog, ProductRef};
+use crate::encoder::Encoder;
+use crate::error::AppError;
+use crate::fetch::Fetcher;
+use crate::store::{EmbeddingStore, ProductId, StoredMeta};
+
+/// The outcome of one pass over the catalogue.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IndexReport {
+    /// Searchable products considered (after MAX_PRODUCTS).
+    pub total_products: usize,
+    /// Products with a usable embedding for the current model after this pass.
+    pub indexed_products: usize,
+    /// Embeddings computed in this pass.
+    pub embedded: usize,
+    /// Products whose image failed in this pass.
+    pub failed: usize,
+    /// Products whose image failed earlier and is not due for a retry yet.
+    pub failed_waiting: usize,
+    /// Embeddings removed because their product is gone or no longer searchable.
+    pub removed: usize,
+    /// Where the time went, in milliseconds.
+    pub timings: Timings,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub total_ms: f64,
+    /// Reading the catalogue and the stored metadata.
+    pub plan_ms: f64,
+    /// Summed over concurrent fetches.
+    pub fetch_ms: f64,
+    pub decode_ms: f64,
+    pub model_ms: f64,
+    pub store_ms: f64,
+}
+
+/// What the indexer needs from the rest of the service.
+pub struct IndexContext<'a> {
+    pub catalog: &'a Catalog,
+    pub store: &'a EmbeddingStore,
+    pub encoder: Arc<Encoder>,
+    pub fetcher: &'a Fetcher,
+    pub inference: &'a tokio::sync::Semaphore,
+    pub batch_size: usize,
+    pub fetch_concurrency: usize,
+    pub retry_failed_after: Duration,
+    /// Told about every stored or removed vector (the in-memory cache).
+    pub on_change: &'a (dyn Fn(Change) + Send + Sync),
+    /// Told (done, todo) as products are processed.
+    pub progress: &'a (dyn Fn(usize, usize) + Send + Sync),
+}
+
+pub enum Change {
+    Stored(ProductId, Vec<f32>, DateTime),
+    Removed(ProductId),
+}
+
+/// Which products need an embedding, and which stored embeddings must go.
+pub fn plan(
+    products: &[ProductRef],
+    metas: &HashMap<ProductId, StoredMeta>,
+    model: &str,
+    retry_failed_after: Duration,
+    now: DateTime,
+) -> (Vec<ProductRef>, Vec<ProductId>, usize) {
+    let mut todo = Vec::new();
+    let mut waiting = 0;
+    for p in products {
+        match metas.get(&p.id) {
+            Some(m) if m.image_url == p.image_url && m.model == model => {
+                if !m.ok {
+                    let age = now.timestamp_millis() - m.updated_at.timestamp_millis();
+                    if age >= retry_failed_after.as_millis() as i64 {
+                        todo.push(p.clone());
+                    } else {
+                        waiting += 1;
+                    }
+                }
+            }
+            _ => todo.push(p.clone()),
+        }
+    }
+    let live: HashSet<&ProductId> = products.iter().map(|p| &p.id).collect();
+    let gone = metas
+        .keys()
+        .filter(|id| !live.contains(id))
+        .cloned()
+        .collect();
+    (todo, gone, waiting)
+}
+
+/// One pass: plan, remove what is gone, embed what is missing or stale.
+pub async fn run(ctx: IndexContext<'_>) -> Result<IndexReport, AppError> {
+    let start = Instant::now();
+    let model = ctx.encoder.identity().key();
+    let (products, metas) = tokio::try_join!(ctx.catalog.searchable(), ctx.store.metas())?;
+    let (todo, gone, failed_waiting) = plan(
+        &products,
+        &metas,
+        &model,
+        ctx.retry_failed_after,
+        DateTime::now(),
+    );
+    let mut report = IndexReport {
+        total_products: products.len(),
+        failed_waiting,
+        ..Default::default()
+    };
+    report.timings.plan_ms = ms(start);
+    if !gone.is_empty() {
+        report.removed = ctx.store.delete(&gone).await? as usize;
+        for id in gone {
+            (ctx.on_change)(Change::Removed(id));
+        }
+    }
+    let todo_ids: HashSet<&ProductId> = todo.iter().map(|t| &t.id).collect();
+    let live: HashSet<&ProductId> = products.iter().map(|p| &p.id).collect();
+    let already_ok = metas
+        .iter()
+        .filter(|(id, m)| m.ok && m.model == model && live.contains(id) && !todo_ids.contains(id))
+        .count();
+    drop(todo_ids);
+    if !todo.is_empty() {
+        tracing::info!(
+            todo = todo.len(),
+            total = products.len(),
+            "indexing product images"
+        );
+    }
+    let total_todo = todo.len();
+    (ctx.progress)(0, total_todo);
+
+    // Fetch and decode concurrently (bounded), then embed in batches as they arrive.
+    let prepared = stream::iter(todo)
+        .map(|p| prepare(&ctx, p))
+        .buffer_unordered(ctx.fetch_concurrency);
+    let mut batches = prepared.chunks(ctx.batch_size);
+    let mut done = 0;
+    while let Some(batch) = batches.next().await {
+        let mut ready = Vec::new();
+        for (p, result, fetch_ms, decode_ms) in batch {
+            report.timings.fetch_ms += fetch_ms;
+            report.timings.decode_ms += decode_ms;
+            match result {
+                Ok(t) => ready.push((p, t)),
+                Err(reason) => {
+                    tracing::warn!(product = %p.id, url = %p.image_url, %reason, "product image skipped");
+                    let t = Instant::now();
+                    ctx.store
+                        .put_failure(&p.id, &p.image_url, &model, &reason)
+                        .await?;
+                    report.timings.store_ms += ms(t);
+                    report.failed += 1;
+                    done += 1;
+                }
+            }
+        }
+        if !ready.is_empty() {
+            let t = Instant::now();
+            let tensors: Vec<Array3<f32>> = ready.iter().map(|(_, t)| t.clone()).collect();
+            let vectors = {
+                let _permit = ctx
+                    .inference
+                    .acquire()
+                    .await
+                    .map_err(|e| AppError::Internal(e.to_string()))?;
+                let enc = ctx.encoder.clone();
+                tokio::task::spawn_blocking(move || enc.embed_prepared(&tensors))
+                    .await
+                    .map_err(|e| AppError::Internal(e.to_string()))??
+            };
+            report.timings.model_ms += ms(t);
+            let t = Instant::now();
+            let model = &model;
+            let writes = ready.iter().zip(&vectors).map(|((p, _), v)| async move {
+                ctx.store
+                    .put_vector(&p.id, &p.image_url, model, v)
+                    .await
+                    .map(|at| (p.id.clone(), at))
+            });
+            let stored = futures::future::try_join_all(writes).await?;
+            report.timings.store_ms += ms(t);
+            for ((id, at), v) in stored.into_iter().zip(vectors) {
+                (ctx.on_change)(Change::Stored(id, v, at));
+            }
+            report.embedded += ready.len();
+            done += ready.len();
+        }
+        (ctx.progress)(done, total_todo);
+    }
+    report.indexed_products = already_ok + report.embedded;
+    report.timings.total_ms = ms(start);
+    if total_todo > 0 || report.removed > 0 {
+        tracing::info!(
+            embedded = report.embedded,
+            failed = report.failed,
+            removed = report.removed,
+            ms = report.timings.total_ms as u64,
+            "index pass done"
+        );
+    }
+    Ok(report)
+}
+
+/// Fetches and decodes one product image; failures are the product's, not the pass's.
+async fn prepare(
+    ctx: &IndexContext<'_>,
+    p: ProductRef,
+) -> (ProductRef, Result<Array3<f32>, String>, f64, f64) {
+    let t = Instant::now();
+    let bytes = match ctx.fetcher.fetch(&p.image_url).await {
+        Ok(b) => b,
+        Err(e) => {
+            let f = ms(t);
+            return (p, Err(e.to_string()), f, 0.0);
+        }
+    };
+    let fetch_ms = ms(t);
+    let t = Instant::now();
+    let enc = ctx.encoder.clone();
+    let tensor = tokio::task::spawn_blocking(move || enc.prepare(&bytes))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    (p, tensor, fetch_ms, ms(t))
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::oid::ObjectId;
+
+    fn p(n: u8, url: &str) -> ProductRef {
+        ProductRef {
+            id: ProductId::Oid(ObjectId::from_bytes([n; 12])),
+            image_url: url.into(),
+        }
+    }
+
+    fn meta(url: &str, model: &str, ok: bool, at: i64) -> StoredMeta {
+        StoredMeta {
+            image_url: url.into(),
+            model: model.into(),
+            ok,
+            updated_at: DateTime::from_millis(at),
+        }
+    }
+
+    #[test]
+    fn plan_embeds_missing_and_stale_and_drops_gone() {
+        let products = vec![p(1, "a"), p(2, "b"), p(3, "c"), p(4, "d"), p(5, "e")];
+        let mut metas = HashMap::new();
+        metas.insert(p(1, "").id, meta("a", "m", true, 0)); // fresh
+        metas.insert(p(2, "").id, meta("old", "m", true, 0)); // image changed
+        metas.insert(p(3, "").id, meta("c", "other", true, 0)); // model changed
+        metas.insert(p(4, "").id, meta("d", "m", false, 9_000)); // failed recently
+        metas.insert(p(9, "").id, meta("z", "m", true, 0)); // product deleted
+        let now = DateTime::from_millis(10_000);
+        let (todo, gone, waiting) = plan(&products, &metas, "m", Duration::from_secs(5), now);
+        let ids: Vec<_> = todo.iter().map(|t| t.image_url.as_str()).collect();
+        assert_eq!(ids, vec!["b", "c", "e"]);
+        assert_eq!(gone, vec![p(9, "").id]);
+        assert_eq!(waiting, 1);
+        // Once the retry delay has passed the failed one is tried again.
+        let (todo, _, waiting) = plan(&products, &metas, "m", Duration::from_secs(1), now);
+        assert!(todo.iter().any(|t| t.image_url == "d"));
+        assert_eq!(waiting, 0);
+    }
+}

@@ -1,0 +1,491 @@
+//! The search service: shared state and the operations the HTTP layer exposes.
+//! A search: image bytes -> query vector -> (catalogue brought up to date) -> rank ->
+//! product documents.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use mongodb::bson::doc;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Mutex, RwLock, Semaphore};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::encoder::{Encoder, EncoderOptions, LazyEncoder};
+use crate::error::AppError;
+use crate::fetch::{FetchConfig, Fetcher};
+use crate::index::{self, Change, IndexContext, IndexReport};
+use crate::rank::{rank_stream, Scored, VectorCache};
+use crate::store::{EmbeddingStore, ProductId};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SearchResult {
+    pub product: Value,
+    pub similarity_score: f32,
+    pub rank: usize,
+}
+
+type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, String>>>;
+
+#[derive(Default)]
+struct SyncState {
+    running: Option<SyncFuture>,
+    last_done: Option<Instant>,
+}
+
+/// Shared by every request; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub client: Client,
+    pub db: Database,
+    pub catalog: Catalog,
+    pub store: EmbeddingStore,
+    pub encoder: LazyEncoder,
+    pub fetcher: Fetcher,
+    /// Model runs at once (memory is per run).
+    pub inference: Semaphore,
+    /// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
+    cache: Option<RwLock<Option<VectorCache>>>,
+    cache_synced: Mutex<Option<Instant>>,
+    sync: Mutex<SyncState>,
+    pub started: Instant,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Connects lazily (the driver connects on first use, so a database that is down at
+    /// start-up does not stop the service from starting and answering health checks).
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let uri = config.require_mongo_uri()?;
+        let mut opts = ClientOptions::parse(uri)
+            .await
+            .map_err(|e| anyhow::anyhow!("configuration error in MONGO_URI: {e}"))?;
+        opts.app_name.get_or_insert_with(|| "search-img".into());
+        opts.server_selection_timeout
+            .get_or_insert(Duration::from_secs(config.mongo_timeout_secs));
+        opts.connect_timeout
+            .get_or_insert(Duration::from_secs(config.mongo_timeout_secs));
+        let client = Client::with_options(opts)?;
+        let db = client.database(&config.mongo_db_name);
+        let catalog = Catalog::new(
+            db.collection(&config.mongo_collection),
+            config.product_fields.clone(),
+            config.max_products,
+        );
+        let store = EmbeddingStore::new(&db, &config.embeddings_collection);
+        let fetcher = Fetcher::new(FetchConfig {
+            allow_private_hosts: config.allow_private_image_hosts,
+            connect_timeout: Duration::from_secs(config.fetch_connect_timeout_secs),
+            total_timeout: Duration::from_secs(config.fetch_timeout_secs),
+            max_bytes: config.max_image_bytes,
+            max_redirects: config.max_redirects,
+        })?;
+        let encoder = LazyEncoder::new(EncoderOptions::from_config(&config));
+        Ok(Self(Arc::new(Inner {
+            inference: Semaphore::new(config.max_concurrent_inferences),
+            cache: config.cache_products.then(|| RwLock::new(None)),
+            cache_synced: Mutex::new(None),
+            sync: Mutex::new(SyncState::default()),
+            started: Instant::now(),
+            config,
+            client,
+            db,
+            catalog,
+            store,
+            encoder,
+            fetcher,
+        })))
+    }
+
+    /// Start-up work that must not block serving: indexes, and the model when
+    /// `LAZY_LOAD_MODEL=false`.
+    pub async fn warm_up(&self) {
+        if let Err(e) = self.store.ensure_indexes().await {
+            tracing::warn!(error = %e, "could not create the embeddings index (will work without it)");
+        }
+        if !self.config.lazy_load_model {
+            if let Err(e) = self.encoder.get().await {
+                tracing::error!(error = %e, "model failed to load at start-up");
+            }
+        } else {
+            tracing::info!("Services will be initialized on first request");
+        }
+    }
+
+    /// Whether MongoDB answers a ping.
+    pub async fn database_ok(&self) -> Result<(), String> {
+        let ping = self.db.run_command(doc! { "ping": 1 });
+        match tokio::time::timeout(Duration::from_secs(self.config.mongo_timeout_secs), ping).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("ping timed out".into()),
+        }
+    }
+
+    pub async fn search_url(
+        &self,
+        url: &str,
+        top_k: usize,
+        threshold: f32,
+    ) -> Result<Vec<SearchResult>, AppError> {
+        let bytes = self.fetcher.fetch(url).await?;
+        self.search_bytes(bytes, top_k, threshold).await
+    }
+
+    pub async fn search_bytes(
+        &self,
+        bytes: bytes::Bytes,
+        top_k: usize,
+        threshold: f32,
+    ) -> Result<Vec<SearchResult>, AppError> {
+        let encoder = self.encoder.get().await?;
+        // Embed the query while the catalogue is brought up to date.
+        let (query, ()) =
+            tokio::try_join!(self.embed_query(&encoder, bytes), self.sync_for_search())?;
+        let model = encoder.identity().key();
+        // A few spare candidates, in case products were deleted since the last pass.
+        let want = top_k + top_k / 2 + 2;
+        let scored = self.rank(&model, &query, want, threshold).await?;
+        self.join_products(scored, top_k).await
+    }
+
+    async fn embed_query(
+        &self,
+        encoder: &Arc<Encoder>,
+        bytes: bytes::Bytes,
+    ) -> Result<Vec<f32>, AppError> {
+        let enc = encoder.clone();
+        let tensor = tokio::task::spawn_blocking(move || enc.prepare(&bytes))
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))??;
+        let _permit = self
+            .inference
+            .acquire()
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))?;
+        let enc = encoder.clone();
+        let mut v = tokio::task::spawn_blocking(move || enc.embed_prepared(&[tensor]))
+            .await
+            .map_err(|e| AppError::Internal(e.to_string()))??;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    async fn rank(
+        &self,
+        model: &str,
+        query: &[f32],
+        k: usize,
+        threshold: f32,
+    ) -> Result<Vec<Scored>, AppError> {
+        match &self.cache {
+            Some(cache) => {
+                self.ensure_cache(model, query.len()).await?;
+                let guard = cache.read().await;
+                Ok(guard
+                    .as_ref()
+                    .map(|c| c.rank(query, k, threshold))
+                    .unwrap_or_default())
+            }
+            None => {
+                let cursor = self
+                    .store
+                    .vectors(model, None, self.config.vector_batch_size)
+                    .await?;
+                Ok(rank_stream(cursor, query, k, threshold).await?)
+            }
+        }
+    }
+
+    async fn join_products(
+        &self,
+        scored: Vec<Scored>,
+        top_k: usize,
+    ) -> Result<Vec<SearchResult>, AppError> {
+        let ids: Vec<ProductId> = scored.iter().map(|s| s.id.clone()).collect();
+        let mut docs = self.catalog.documents(&ids).await?;
+        Ok(scored
+            .into_iter()
+            .filter_map(|s| docs.remove(&s.id).map(|d| (d, s.score)))
+            .take(top_k)
+            .enumerate()
+            .map(|(i, (product, score))| SearchResult {
+                product,
+                similarity_score: score,
+                rank: i + 1,
+            })
+            .collect())
+    }
+
+    /// Before a search: bring embeddings up to date if the last pass is older than
+    /// CATALOG_SYNC_INTERVAL_SECS, waiting at most SEARCH_SYNC_WAIT_SECS for it (the pass
+    /// goes on in the background and the search uses what is stored so far).
+    async fn sync_for_search(&self) -> Result<(), AppError> {
+        let interval = Duration::from_secs(self.config.catalog_sync_interval_secs);
+        let fut = {
+            let mut st = self.sync.lock().await;
+            let due = st.last_done.is_none_or(|t| t.elapsed() >= interval);
+            match (&st.running, due) {
+                (Some(f), _) => f.clone(),
+                (None, true) => self.start_sync(&mut st),
+                (None, false) => return Ok(()),
+            }
+        };
+        let wait = Duration::from_secs(self.config.search_sync_wait_secs);
+        match tokio::time::timeout(wait, fut).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                // A failed pass must not fail searches over what is already stored.
+                tracing::warn!(error = %e, "index pass failed; searching stored embeddings");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::info!("index pass still running; searching what is stored so far");
+                Ok(())
+            }
+        }
+    }
+
+    /// A full pass now (`POST /refresh`, `search-img index`): waits for one in progress,
+    /// then runs a fresh one so changes made meanwhile are seen.
+    pub async fn refresh(&self) -> Result<IndexReport, AppError> {
+        self.refresh_with_progress(Arc::new(|_, _| {})).await
+    }
+
+    pub async fn refresh_with_progress(
+        &self,
+        progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
+    ) -> Result<IndexReport, AppError> {
+        loop {
+            let fut = {
+                let mut st = self.sync.lock().await;
+                match &st.running {
+                    Some(f) => Err(f.clone()),
+                    None => Ok(self.start_sync_with(&mut st, progress.clone())),
+                }
+            };
+            match fut {
+                Ok(f) => return f.await.map_err(AppError::Database),
+                Err(running) => {
+                    let _ = running.await;
+                }
+            }
+        }
+    }
+
+    fn start_sync(&self, st: &mut SyncState) -> SyncFuture {
+        self.start_sync_with(st, Arc::new(|_, _| {}))
+    }
+
+    /// Spawns a pass (so it finishes even if every waiter goes away) and records it.
+    fn start_sync_with(
+        &self,
+        st: &mut SyncState,
+        progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
+    ) -> SyncFuture {
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let result = this.index_pass(progress).await;
+            let mut st = this.sync.lock().await;
+            st.running = None;
+            if result.is_ok() {
+                st.last_done = Some(Instant::now());
+            }
+            result.map_err(|e| e.to_string())
+        });
+        let fut = async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(format!("index pass panicked: {e}")))
+        }
+        .boxed()
+        .shared();
+        st.running = Some(fut.clone());
+        fut
+    }
+
+    async fn index_pass(
+        &self,
+        progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
+    ) -> Result<IndexReport, AppError> {
+        let encoder = self.encoder.get().await?;
+        let model = encoder.identity().key();
+        if self.cache.is_some() {
+            self.ensure_cache(&model, encoder.identity().dim).await?;
+        }
+        let changes = std::sync::Mutex::new(Vec::new());
+        let on_change = |c: Change| changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+        let report = index::run(IndexContext {
+            catalog: &self.catalog,
+            store: &self.store,
+            encoder,
+            fetcher: &self.fetcher,
+            inference: &self.inference,
+            batch_size: self.config.max_batch_size,
+            fetch_concurrency: self.config.index_fetch_concurrency,
+            retry_failed_after: Duration::from_secs(self.config.retry_failed_after_secs),
+            on_change: &on_change,
+            progress: &*progress,
+        })
+        .await;
+        // Apply what was stored even if the pass failed half-way.
+        if let Some(cache) = &self.cache {
+            let mut guard = cache.write().await;
+            if let Some(c) = guard.as_mut() {
+                for change in changes.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    match change {
+                        Change::Stored(id, v, at) => c.upsert(id, &v, at),
+                        Change::Removed(id) => c.remove(&id),
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// `CACHE_PRODUCTS=true`: load the vectors on first use, and every
+    /// CACHE_SYNC_INTERVAL_SECS pick up what other instances stored or removed.
+    async fn ensure_cache(&self, model: &str, dim: usize) -> Result<(), AppError> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let interval = Duration::from_secs(self.config.cache_sync_interval_secs);
+        let mut synced = self.cache_synced.lock().await;
+        let loaded = cache
+            .read()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.model == model);
+        if !loaded {
+            let mut fresh = VectorCache::new(model.to_string(), dim);
+            let cursor = self
+                .store
+                .vectors(model, None, self.config.vector_batch_size)
+                .await?;
+            let n = fresh.load(cursor).await?;
+            fresh.shrink();
+            tracing::info!(
+                vectors = n,
+                bytes = fresh.heap_bytes(),
+                "product vectors cached in memory"
+            );
+            *cache.write().await = Some(fresh);
+            *synced = Some(Instant::now());
+        } else if synced.is_none_or(|t| t.elapsed() >= interval) {
+            *synced = Some(Instant::now());
+            drop(synced);
+            self.sync_cache_from_store(model).await?;
+        }
+        Ok(())
+    }
+
+    /// Reconciles the cache with the stored vectors by comparing update times (cheap:
+    /// metadata only), then reads just the vectors that changed.
+    async fn sync_cache_from_store(&self, model: &str) -> Result<(), AppError> {
+        let Some(cache) = &self.cache else {
+            return Ok(());
+        };
+        let metas = self.store.metas().await?;
+        let (changed, gone): (Vec<ProductId>, Vec<ProductId>) = {
+            let guard = cache.read().await;
+            let Some(c) = guard.as_ref() else {
+                return Ok(());
+            };
+            let changed = metas
+                .iter()
+                .filter(|(id, m)| {
+                    m.ok && m.model == model && c.updated_at(id) != Some(m.updated_at)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let gone = c
+                .ids()
+                .filter(|id| metas.get(*id).is_none_or(|m| !m.ok || m.model != model))
+                .cloned()
+                .collect();
+            (changed, gone)
+        };
+        if changed.is_empty() && gone.is_empty() {
+            return Ok(());
+        }
+        let mut guard = cache.write().await;
+        if let Some(c) = guard.as_mut() {
+            for id in &gone {
+                c.remove(id);
+            }
+            for chunk in changed.chunks(1000) {
+                let cursor = self
+                    .store
+                    .vectors(model, Some(chunk), self.config.vector_batch_size)
+                    .await?;
+                c.load(cursor).await?;
+            }
+        }
+        tracing::debug!(
+            changed = changed.len(),
+            removed = gone.len(),
+            "cache synced from store"
+        );
+        Ok(())
+    }
+
+    /// Counts for `/api/v1/status`.
+    pub async fn status(&self) -> Result<Status, AppError> {
+        let encoder = self.encoder.loaded();
+        let total_products = self.catalog.count_all().await?;
+        let (indexed, failed) = match &encoder {
+            Some(e) => {
+                let key = e.identity().key();
+                (
+                    Some(self.store.count(&key, true).await?),
+                    Some(self.store.count(&key, false).await?),
+                )
+            }
+            None => (None, None),
+        };
+        let cached = match &self.cache {
+            Some(c) => c.read().await.as_ref().map_or(0, |c| c.len()),
+            None => 0,
+        };
+        Ok(Status {
+            model_loaded: encoder.is_some(),
+            model: encoder.as_ref().map(|e| e.identity().clone()),
+            model_runs: encoder.as_ref().map_or(0, |e| e.runs()),
+            total_products,
+            products_with_features: indexed,
+            failed_products: failed,
+            caching_enabled: self.config.cache_products,
+            cached_vectors: cached,
+            uptime_secs: self.started.elapsed().as_secs(),
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub model_loaded: bool,
+    pub model: Option<crate::encoder::ModelIdentity>,
+    /// Model runs since start (each batch counts once).
+    pub model_runs: u64,
+    pub total_products: u64,
+    /// Products with a stored embedding for the loaded model (null before it loads).
+    pub products_with_features: Option<u64>,
+    /// Products whose image could not be fetched or decoded (retried later).
+    pub failed_products: Option<u64>,
+    pub caching_enabled: bool,
+    pub cached_vectors: usize,
+    pub uptime_secs: u64,
+}

@@ -1,0 +1,302 @@
+//! Product embeddings, kept in a MongoDB collection of our own (never the shop's).
+//!
+//! One document per product, `_id` = the product's `_id`:
+//! `{ image_url, model, dim, vector: Binary(subtype 9, float32), status: "ok", updated_at }`
+//! or, when the image could not be used, `{ image_url, model, status: "failed", error,
+//! updated_at }`. Each document is written whole in one operation, so a crash leaves
+//! either the old document or the new one: never a vector for the wrong image or model.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use futures::TryStreamExt;
+use mongodb::bson::{
+    self, doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document, RawDocumentBuf,
+};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, Cursor, Database, IndexModel};
+
+/// A product `_id` that can key a map. Mongoose ids are ObjectIds; anything else is kept
+/// as its BSON value with its extended-JSON text as the key.
+#[derive(Clone, Debug)]
+pub enum ProductId {
+    Oid(ObjectId),
+    Other(String, Box<Bson>),
+}
+
+// Equality and hashing by ObjectId or by the extended-JSON key, never by the raw BSON.
+impl PartialEq for ProductId {
+    fn eq(&self, o: &Self) -> bool {
+        match (self, o) {
+            (ProductId::Oid(a), ProductId::Oid(b)) => a == b,
+            (ProductId::Other(a, _), ProductId::Other(b, _)) => a == b,
+            _ => false,
+        }
+    }
+}
+impl Eq for ProductId {}
+impl std::hash::Hash for ProductId {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self {
+            ProductId::Oid(o) => o.bytes().hash(h),
+            ProductId::Other(k, _) => k.hash(h),
+        }
+    }
+}
+
+impl ProductId {
+    pub fn from_bson(b: Bson) -> Self {
+        match b {
+            Bson::ObjectId(o) => ProductId::Oid(o),
+            other => ProductId::Other(
+                other.clone().into_relaxed_extjson().to_string(),
+                Box::new(other),
+            ),
+        }
+    }
+
+    pub fn from_raw(b: bson::RawBsonRef<'_>) -> Option<Self> {
+        match b {
+            bson::RawBsonRef::ObjectId(o) => Some(ProductId::Oid(o)),
+            other => other
+                .to_raw_bson()
+                .try_into()
+                .ok()
+                .map(ProductId::from_bson),
+        }
+    }
+
+    pub fn to_bson(&self) -> Bson {
+        match self {
+            ProductId::Oid(o) => Bson::ObjectId(*o),
+            ProductId::Other(_, b) => (**b).clone(),
+        }
+    }
+}
+
+impl fmt::Display for ProductId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProductId::Oid(o) => write!(f, "{o}"),
+            ProductId::Other(s, _) => f.write_str(s),
+        }
+    }
+}
+
+/// What we know about a product's stored embedding, without its vector.
+#[derive(Clone, Debug)]
+pub struct StoredMeta {
+    pub image_url: String,
+    pub model: String,
+    pub ok: bool,
+    pub updated_at: DateTime,
+}
+
+/// The MongoDB binary vector format (subtype 9): dtype byte 0x27 (float32), padding 0,
+/// then little-endian floats. Atlas Vector Search reads the same layout.
+const VECTOR_F32_HEADER: [u8; 2] = [0x27, 0x00];
+
+pub fn encode_vector(v: &[f32]) -> Binary {
+    let mut bytes = Vec::with_capacity(2 + v.len() * 4);
+    bytes.extend_from_slice(&VECTOR_F32_HEADER);
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    Binary {
+        subtype: BinarySubtype::Vector,
+        bytes,
+    }
+}
+
+/// The float bytes of a stored vector (subtype 9 float32, or plain little-endian floats).
+pub fn vector_bytes(subtype: BinarySubtype, bytes: &[u8]) -> Option<&[u8]> {
+    let floats = match subtype {
+        BinarySubtype::Vector if bytes.len() >= 2 && bytes[0] == VECTOR_F32_HEADER[0] => {
+            &bytes[2..]
+        }
+        BinarySubtype::Generic => bytes,
+        _ => return None,
+    };
+    (floats.len() % 4 == 0).then_some(floats)
+}
+
+pub fn decode_vector(floats: &[u8]) -> Vec<f32> {
+    floats
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[derive(Clone)]
+pub struct EmbeddingStore {
+    coll: Collection<Document>,
+    raw: Collection<RawDocumentBuf>,
+}
+
+impl EmbeddingStore {
+    pub fn new(db: &Database, name: &str) -> Self {
+        Self {
+            coll: db.collection(name),
+            raw: db.collection(name),
+        }
+    }
+
+    /// The index the ranking scan uses; creating it again is a no-op.
+    pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
+        let model = IndexModel::builder()
+            .keys(doc! { "model": 1, "status": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("model_status".to_string())
+                    .build(),
+            )
+            .build();
+        self.coll.create_index(model).await.map(|_| ())
+    }
+
+    /// Every stored embedding's metadata (no vectors: cheap to read).
+    pub async fn metas(&self) -> mongodb::error::Result<HashMap<ProductId, StoredMeta>> {
+        let mut cursor = self
+            .coll
+            .find(doc! {})
+            .projection(doc! { "image_url": 1, "model": 1, "status": 1, "updated_at": 1 })
+            .batch_size(5000)
+            .await?;
+        let mut out = HashMap::new();
+        while let Some(d) = cursor.try_next().await? {
+            let Some(id) = d.get("_id").cloned() else {
+                continue;
+            };
+            out.insert(
+                ProductId::from_bson(id),
+                StoredMeta {
+                    image_url: d.get_str("image_url").unwrap_or_default().to_string(),
+                    model: d.get_str("model").unwrap_or_default().to_string(),
+                    ok: d.get_str("status") == Ok("ok"),
+                    updated_at: d
+                        .get_datetime("updated_at")
+                        .copied()
+                        .unwrap_or(DateTime::MIN),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    pub async fn put_vector(
+        &self,
+        id: &ProductId,
+        image_url: &str,
+        model: &str,
+        vector: &[f32],
+    ) -> mongodb::error::Result<DateTime> {
+        let now = DateTime::now();
+        let d = doc! {
+            "_id": id.to_bson(),
+            "image_url": image_url,
+            "model": model,
+            "dim": vector.len() as i32,
+            "vector": encode_vector(vector),
+            "status": "ok",
+            "updated_at": now,
+        };
+        self.coll
+            .replace_one(doc! { "_id": id.to_bson() }, d)
+            .upsert(true)
+            .await?;
+        Ok(now)
+    }
+
+    pub async fn put_failure(
+        &self,
+        id: &ProductId,
+        image_url: &str,
+        model: &str,
+        error: &str,
+    ) -> mongodb::error::Result<()> {
+        let d = doc! {
+            "_id": id.to_bson(),
+            "image_url": image_url,
+            "model": model,
+            "status": "failed",
+            "error": error,
+            "updated_at": DateTime::now(),
+        };
+        self.coll
+            .replace_one(doc! { "_id": id.to_bson() }, d)
+            .upsert(true)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete(&self, ids: &[ProductId]) -> mongodb::error::Result<u64> {
+        let mut deleted = 0;
+        for chunk in ids.chunks(1000) {
+            let ids: Vec<Bson> = chunk.iter().map(ProductId::to_bson).collect();
+            deleted += self
+                .coll
+                .delete_many(doc! { "_id": { "$in": ids } })
+                .await?
+                .deleted_count;
+        }
+        Ok(deleted)
+    }
+
+    /// The usable vectors of `model`, as raw documents `{_id, vector, updated_at}`.
+    pub async fn vectors(
+        &self,
+        model: &str,
+        ids: Option<&[ProductId]>,
+        batch_size: u32,
+    ) -> mongodb::error::Result<Cursor<RawDocumentBuf>> {
+        let mut filter = doc! { "model": model, "status": "ok" };
+        if let Some(ids) = ids {
+            let ids: Vec<Bson> = ids.iter().map(ProductId::to_bson).collect();
+            filter.insert("_id", doc! { "$in": ids });
+        }
+        self.raw
+            .find(filter)
+            .projection(doc! { "vector": 1, "updated_at": 1 })
+            .batch_size(batch_size)
+            .await
+    }
+
+    pub async fn count(&self, model: &str, ok: bool) -> mongodb::error::Result<u64> {
+        let status = if ok { "ok" } else { "failed" };
+        self.coll
+            .count_documents(doc! { "model": model, "status": status })
+            .await
+    }
+}
+
+/// Reads `_id` and the vector bytes out of a raw `vectors()` document without copying.
+pub fn raw_vector(d: &bson::RawDocument) -> Option<(ProductId, &[u8])> {
+    let id = ProductId::from_raw(d.get("_id").ok()??)?;
+    let bin = d.get_binary("vector").ok()?;
+    Some((id, vector_bytes(bin.subtype, bin.bytes)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_round_trip_in_the_mongodb_vector_format() {
+        let v = vec![0.25f32, -1.5, 3.0];
+        let b = encode_vector(&v);
+        assert_eq!(b.subtype, BinarySubtype::Vector);
+        assert_eq!(&b.bytes[..2], &[0x27, 0x00]);
+        let floats = vector_bytes(b.subtype, &b.bytes).unwrap();
+        assert_eq!(decode_vector(floats), v);
+        assert!(vector_bytes(BinarySubtype::Vector, &[0x03, 0x00, 1]).is_none());
+    }
+
+    #[test]
+    fn product_ids_key_maps() {
+        let o = ObjectId::new();
+        assert_eq!(ProductId::from_bson(Bson::ObjectId(o)), ProductId::Oid(o));
+        let s = ProductId::from_bson(Bson::String("sku-1".into()));
+        assert_eq!(s.to_bson(), Bson::String("sku-1".into()));
+        assert_ne!(s, ProductId::from_bson(Bson::Int32(1)));
+    }
+}
