@@ -120,3 +120,7 @@ pub fn read_npy_f32(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (shape, data)
 }
+
+pub mod app;
+pub mod images;
+pub mod mongo;

@@ -1,0 +1,544 @@
+//! The search service end to end: real SecantusDB process, real image server on
+//! 127.0.0.1, the real EfficientNet-Lite0 model, HTTP over loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::app::{product_doc, TestApp, CATALOGUE};
+use common::*;
+use mongodb::bson::{doc, Document};
+use serde_json::Value;
+
+fn transformed(name: &str) -> Vec<(&'static str, Vec<u8>)> {
+    let img = photo(name);
+    let (w, h) = img.dimensions();
+    let resized = image::imageops::resize(
+        &img,
+        w * 3 / 5,
+        h * 3 / 5,
+        image::imageops::FilterType::Triangle,
+    );
+    let cropped =
+        image::imageops::crop_imm(&img, w / 10, h / 10, w * 8 / 10, h * 8 / 10).to_image();
+    let mirrored = image::imageops::flip_horizontal(&img);
+    vec![
+        ("resized", png(&image::DynamicImage::ImageRgb8(resized))),
+        ("cropped", jpeg(&cropped, 90)),
+        ("jpeg q60", jpeg(&img, 60)),
+        ("mirrored", jpeg(&mirrored, 85)),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transformed_copies_find_their_product_first_and_strangers_find_nothing() {
+    let app = TestApp::start(&[]).await;
+    for (name, file) in &CATALOGUE[..5] {
+        for (how, bytes) in transformed(file) {
+            let (code, body) = app.search_upload(bytes, "top_k=3&threshold=0.3").await;
+            assert_eq!(code, 200, "{body}");
+            let names = app.names(&body);
+            assert_eq!(
+                names.first().map(String::as_str),
+                Some(*name),
+                "{how} {file}: {body}"
+            );
+        }
+    }
+    // A grey-scale photo of the moon looks like none of the products.
+    let (code, body) = app
+        .search_upload(photo_bytes("moon.png"), "top_k=5&threshold=0.6")
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        body,
+        Value::Array(vec![]),
+        "nothing should be that similar: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_search_accepts_query_parameters_json_body_and_upload_alike() {
+    let app = TestApp::start(&[]).await;
+    app.images.put("query.jpg", jpeg(&photo("coffee.png"), 80));
+    let query_url = app.images.url("query.jpg");
+    let (code, by_query) = app.search_url(&query_url, "&top_k=3&threshold=0.2").await;
+    assert_eq!(code, 200, "{by_query}");
+    let r = app
+        .http
+        .post(app.url("/api/v1/search/url"))
+        .json(&serde_json::json!({ "image_url": query_url, "top_k": 3, "threshold": 0.2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let by_json: Value = r.json().await.unwrap();
+    let (code, by_upload) = app
+        .search_upload(jpeg(&photo("coffee.png"), 80), "top_k=3&threshold=0.2")
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(by_query, by_json);
+    assert_eq!(by_query, by_upload);
+    assert_eq!(app.names(&by_query)[0], "Espresso cup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_get_422_with_a_detail() {
+    let app = TestApp::start(&[]).await;
+    let img = app.images.url("chelsea.png");
+    for params in [
+        "&top_k=0",
+        "&top_k=51",
+        "&top_k=abc",
+        "&top_k=2.5",
+        "&threshold=-0.1",
+        "&threshold=1.5",
+        "&threshold=nan",
+    ] {
+        let (code, body) = app.search_url(&img, params).await;
+        assert_eq!(code, 422, "{params}: {body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{body}"
+        );
+    }
+    let post = |body: &'static str, ct: &'static str| {
+        app.http
+            .post(app.url("/api/v1/search/url"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    for (body, ct) in [
+        ("", "application/json"),
+        ("{\"top_k\": 3}", "application/json"),
+        ("{not json", "application/json"),
+        ("[1,2]", "application/json"),
+        ("{\"image_url\": 5}", "application/json"),
+    ] {
+        let r = post(body, ct).await.unwrap();
+        assert_eq!(r.status(), 422, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["detail"].is_string(), "{v}");
+    }
+    // Upload without the `file` field, and not multipart at all.
+    let form = reqwest::multipart::Form::new().text("other", "x");
+    let r = app
+        .http
+        .post(app.url("/api/v1/search/image"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let r = app
+        .http
+        .post(app.url("/api/v1/search/image"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.json::<Value>().await.unwrap()["detail"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_query_images_are_client_errors_not_empty_results() {
+    let app = TestApp::start(&[]).await;
+    let (code, body) = app.search_url(&app.images.url("missing.png"), "").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("404"), "{body}");
+    app.images
+        .put("notes.txt", b"this is text, not an image".to_vec());
+    let (code, body) = app.search_url(&app.images.url("notes.txt"), "").await;
+    assert_eq!(code, 415, "{body}");
+    let (code, body) = app
+        .search_upload(b"\x89PNG\r\n\x1a\n garbage".to_vec(), "")
+        .await;
+    assert!(code == 400 || code == 415, "{code} {body}");
+    assert!(body["detail"].is_string());
+    let (code, body) = app.search_url("ftp://example.com/x.png", "").await;
+    assert_eq!(code, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threshold_and_top_k_shape_the_results() {
+    let app = TestApp::start(&[]).await;
+    let q = jpeg(&photo("chelsea.png"), 85);
+    let (_, all) = app.search_upload(q.clone(), "top_k=50&threshold=0").await;
+    let all = all.as_array().unwrap().clone();
+    assert_eq!(
+        all.len(),
+        CATALOGUE.len(),
+        "threshold 0 keeps every product"
+    );
+    let scores: Vec<f64> = all
+        .iter()
+        .map(|r| r["similarity_score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        scores.windows(2).all(|w| w[0] >= w[1]),
+        "best first: {scores:?}"
+    );
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r["rank"], i + 1);
+    }
+    let (_, two) = app.search_upload(q.clone(), "top_k=2&threshold=0").await;
+    assert_eq!(two.as_array().unwrap(), &all[..2]);
+    let cut = (scores[1] + scores[2]) / 2.0;
+    let (_, above) = app
+        .search_upload(q.clone(), &format!("top_k=50&threshold={cut}"))
+        .await;
+    assert_eq!(
+        above.as_array().unwrap(),
+        &all[..2],
+        "only scores >= threshold"
+    );
+    // Defaults from the environment: TOP_K=10, SIMILARITY_THRESHOLD=0.5.
+    let (_, defaults) = app.search_upload(q, "").await;
+    let n = scores.iter().filter(|s| **s >= 0.5).count().min(10);
+    assert_eq!(defaults.as_array().unwrap().len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_shape_matches_the_contract_field_by_field() {
+    let app = TestApp::start(&[]).await;
+    let (code, body) = app
+        .search_upload(photo_bytes("coffee.png"), "top_k=1")
+        .await;
+    assert_eq!(code, 200);
+    let r = &body[0];
+    assert_eq!(r["rank"], 1);
+    assert!(r["similarity_score"].as_f64().unwrap() > 0.99);
+    let p = r["product"].as_object().unwrap();
+    assert_eq!(p["_id"], app.ids["Espresso cup"].to_hex());
+    assert_eq!(p["productName"], "Espresso cup");
+    assert_eq!(p["productPrice"], 250000);
+    assert_eq!(p["productImage"], app.images.url("coffee.png"));
+    assert_eq!(p["productCategory"], "65a1e9c2e4b0a1b2c3d4e5f6");
+    assert_eq!(p["productSize"], 18);
+    assert_eq!(p["productDescription"], "Espresso cup, handmade");
+    assert_eq!(p["averageRating"], 4.5);
+    assert_eq!(p["totalRatings"], 12);
+    assert_eq!(p["createdAt"], "2025-01-02T05:16:41.123Z");
+    assert_eq!(p["updatedAt"], "2025-01-02T05:16:41.123Z");
+    for dropped in ["productQuantity", "productDiscount", "isHidden", "__v"] {
+        assert!(!p.contains_key(dropped), "{dropped} must not be returned");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_fields_are_configurable() {
+    let app = TestApp::start(&[("PRODUCT_FIELDS", "productName,productQuantity")]).await;
+    let (_, body) = app
+        .search_upload(photo_bytes("coffee.png"), "top_k=1")
+        .await;
+    let p = body[0]["product"].as_object().unwrap();
+    let mut keys: Vec<&str> = p.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(keys, vec!["productName", "productQuantity"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_computed_once_kept_across_restarts_and_follow_the_catalogue() {
+    let app = TestApp::start(&[]).await;
+    let q = jpeg(&photo("rocket.jpg"), 85);
+    let (code, body) = app.search_upload(q.clone(), "top_k=1").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(app.names(&body), vec!["Rocket model"]);
+    let photo_hits = app.images.total_hits();
+    let runs = app.model_runs().await;
+    // The second search embeds the query only and fetches no product photo.
+    app.search_upload(q.clone(), "top_k=1").await;
+    assert_eq!(
+        app.model_runs().await,
+        runs + 1,
+        "second search runs the model once"
+    );
+    assert_eq!(
+        app.images.total_hits(),
+        photo_hits,
+        "no product photo fetched again"
+    );
+
+    // The shop changes a product's photo: its embedding is recomputed.
+    let cat = app.ids["Cat figurine"];
+    app.images
+        .put("new-cat.jpg", jpeg(&photo("motorcycle_right.png"), 90));
+    app.products()
+        .update_one(
+            doc! { "_id": cat },
+            doc! { "$set": { "productImage": app.images.url("new-cat.jpg") } },
+        )
+        .await
+        .unwrap();
+    let (_, body) = app
+        .search_upload(photo_bytes("motorcycle_right.png"), "top_k=1")
+        .await;
+    assert_eq!(
+        app.names(&body),
+        vec!["Cat figurine"],
+        "now shows the new photo"
+    );
+    assert_eq!(app.images.hits("new-cat.jpg"), 1);
+
+    // A deleted product never appears again.
+    let rocket = app.ids["Rocket model"];
+    app.products()
+        .delete_one(doc! { "_id": rocket })
+        .await
+        .unwrap();
+    let (_, body) = app.search_upload(q.clone(), "top_k=50&threshold=0").await;
+    assert!(!app.names(&body).contains(&"Rocket model".to_string()));
+    let stored: Document = app
+        .state
+        .db
+        .collection::<Document>("product_embeddings")
+        .find_one(doc! { "_id": rocket })
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(stored.is_empty(), "its embedding is removed too");
+
+    // A restart (new service on the same database) recomputes nothing.
+    let hits = app.images.total_hits();
+    let app = app.restart_service().await;
+    let (_, body) = app
+        .search_upload(jpeg(&photo("coffee.png"), 85), "top_k=1")
+        .await;
+    assert_eq!(app.names(&body), vec!["Espresso cup"]);
+    assert_eq!(
+        app.model_runs().await,
+        1,
+        "only the query is embedded after a restart"
+    );
+    assert_eq!(app.images.total_hits(), hits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_product_images_are_skipped_reported_and_retried_later() {
+    let app = TestApp::start(&[("RETRY_FAILED_AFTER_SECS", "3600")]).await;
+    let products = app.products();
+    products
+        .insert_one(product_doc("Gone photo", &app.images.url("gone.png")))
+        .await
+        .unwrap();
+    app.images.put("junk.png", b"not a png".to_vec());
+    products
+        .insert_one(product_doc("Junk photo", &app.images.url("junk.png")))
+        .await
+        .unwrap();
+    products
+        .insert_one(product_doc("No photo", ""))
+        .await
+        .unwrap();
+    let (code, body) = app
+        .search_upload(photo_bytes("coffee.png"), "top_k=50&threshold=0")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    let names = app.names(&body);
+    assert_eq!(
+        names.len(),
+        CATALOGUE.len(),
+        "only products with usable photos: {names:?}"
+    );
+    let status = app.status().await;
+    assert_eq!(status["failed_products"], 2, "{status}");
+    assert_eq!(status["products_with_features"], CATALOGUE.len());
+    assert_eq!(status["total_products"], CATALOGUE.len() + 3);
+    // Not retried on every search...
+    app.search_upload(photo_bytes("coffee.png"), "").await;
+    assert_eq!(app.images.hits("gone.png"), 1);
+    // ...but after RETRY_FAILED_AFTER_SECS: the photo is there now, so it is indexed.
+    // (The failures are made an hour and a second old rather than waiting an hour.)
+    app.images
+        .put("gone.png", jpeg(&photo("astronaut.png"), 80));
+    let an_hour_ago = mongodb::bson::DateTime::from_millis(
+        mongodb::bson::DateTime::now().timestamp_millis() - 3_601_000,
+    );
+    app.state
+        .db
+        .collection::<Document>("product_embeddings")
+        .update_many(
+            doc! { "status": "failed" },
+            doc! { "$set": { "updated_at": an_hour_ago } },
+        )
+        .await
+        .unwrap();
+    let (_, body) = app
+        .search_upload(photo_bytes("coffee.png"), "top_k=50&threshold=0")
+        .await;
+    assert_eq!(app.images.hits("gone.png"), 2);
+    assert!(app.names(&body).contains(&"Gone photo".to_string()));
+    assert_eq!(app.status().await["failed_products"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_and_streamed_ranking_return_identical_results() {
+    let streamed = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
+    // A second service on the same database and images, with the cache on.
+    let mut vars = streamed.vars.clone();
+    vars.retain(|(k, _)| k != "CACHE_PRODUCTS");
+    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
+    // Pick up other instances' changes before every search (default: every 30 s).
+    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), "0".into()));
+    let cached_state =
+        search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
+            .await
+            .unwrap();
+    let queries = [
+        "chelsea.png",
+        "moon.png",
+        "coffee.png",
+        "motorcycle_right.png",
+        "astronaut.png",
+    ];
+    for q in queries {
+        let bytes = bytes::Bytes::from(jpeg(&photo(q), 75));
+        let a = streamed
+            .state
+            .search_bytes(bytes.clone(), 50, 0.0)
+            .await
+            .unwrap();
+        let b = cached_state.search_bytes(bytes, 50, 0.0).await.unwrap();
+        assert_eq!(a.len(), b.len(), "{q}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.product, y.product, "{q}");
+            assert!((x.similarity_score - y.similarity_score).abs() < 1e-6);
+            assert_eq!(x.rank, y.rank);
+        }
+    }
+    // The cache follows changes made through the other instance.
+    let coffee = streamed.ids["Espresso cup"];
+    streamed
+        .products()
+        .delete_one(doc! { "_id": coffee })
+        .await
+        .unwrap();
+    streamed.state.refresh().await.unwrap();
+    let r = cached_state
+        .search_bytes(photo_bytes("coffee.png").into(), 50, 0.0)
+        .await
+        .unwrap();
+    assert!(r.iter().all(|x| x.product["productName"] != "Espresso cup"));
+    assert_eq!(
+        cached_state.status().await.unwrap().cached_vectors,
+        CATALOGUE.len() - 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_eleventh_concurrent_request_is_refused_with_503_while_health_answers() {
+    let app = TestApp::start(&[("MAX_CONCURRENT_REQUESTS", "10")]).await;
+    app.search_upload(photo_bytes("coffee.png"), "").await; // load the model, index
+    app.images.put("slow.jpg", jpeg(&photo("coffee.png"), 80));
+    app.images.delay("slow.jpg", Duration::from_secs(3));
+    let slow = app.images.url("slow.jpg");
+    let mut pending = Vec::new();
+    for _ in 0..10 {
+        let (http, url) = (
+            app.http.clone(),
+            format!(
+                "{}/api/v1/search/url?image_url={}",
+                app.base,
+                common::app::urlencode(&slow)
+            ),
+        );
+        pending.push(tokio::spawn(async move {
+            http.post(url).send().await.unwrap().status().as_u16()
+        }));
+    }
+    // Wait until all ten are in flight at the image server.
+    let t = std::time::Instant::now();
+    while app.images.hits("slow.jpg") < 10 && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = app.search_url(&slow, "").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("busy"));
+    let (code, _) = app.get("/api/v1/health").await;
+    assert_eq!(code, 200, "health is never refused");
+    for p in pending {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    let (code, _) = app.search_url(&app.images.url("coffee.png"), "").await;
+    assert_eq!(code, 200, "serves normally afterwards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database_without_a_restart() {
+    let mut app = TestApp::start(&[]).await;
+    let (code, body) = app.get("/api/v1/health").await;
+    assert_eq!(code, 200);
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["message"], "API is running");
+    assert_eq!(body["database"], "connected");
+    assert_eq!(body["model_loaded"], false, "health never loads the model");
+    app.mongo.stop().await;
+    let (code, body) = app.get("/api/v1/health").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["status"], "unhealthy");
+    assert_eq!(body["database"], "disconnected");
+    assert!(body["detail"].is_string());
+    let (code, body) = app.search_upload(photo_bytes("coffee.png"), "").await;
+    assert_eq!(code, 503, "search while the database is down: {body}");
+    assert!(body["detail"].is_string());
+    app.mongo.restart().await;
+    let mut code = 0;
+    for _ in 0..50 {
+        code = app.get("/api/v1/health").await.0;
+        if code == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(code, 200, "recovers by itself");
+    let (code, body) = app
+        .search_upload(photo_bytes("coffee.png"), "top_k=1")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(app.names(&body), vec!["Espresso cup"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_docs_root_status_and_refresh() {
+    let app = TestApp::start(&[]).await;
+    let r = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.url("/api/v1/search/url"))
+        .header("Origin", "https://shop.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let (code, root) = app.get("/").await;
+    assert_eq!(code, 200);
+    assert_eq!(root["name"], "search-img");
+    assert!(root["endpoints"].is_object());
+    let (code, spec) = app.get("/openapi.json").await;
+    assert_eq!(code, 200);
+    assert!(spec["paths"]["/api/v1/search/url"].is_object());
+    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("/openapi.json"));
+    let status = app.status().await;
+    assert_eq!(status["model_loaded"], false);
+    assert_eq!(status["caching_enabled"], false);
+    let r = app
+        .http
+        .post(app.url("/api/v1/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["total_products"], CATALOGUE.len());
+    assert_eq!(body["indexed_products"], CATALOGUE.len());
+    assert!(body["message"].is_string());
+    let (code, body) = app.get("/no/such/path").await;
+    assert_eq!(code, 404);
+    assert!(body["detail"].is_string());
+}
