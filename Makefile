@@ -22,5 +22,8 @@ bench-encoder: setup
 bench: setup
 	scripts/bench.sh
 
+monitor:
+	$(CARGO) run --release -- monitor
+
 clean-models:
 	rm -rf models/out

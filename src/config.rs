@@ -25,10 +25,10 @@ pub struct Config {
     pub port: u16,
 
     /// Keep product vectors in memory (true) or stream them from MongoDB per search (false).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub cache_products: bool,
     /// Load the model on first use (true) or at start-up (false).
-    #[serde(default = "d::yes")]
+    #[serde(default = "d::yes", deserialize_with = "flag")]
     pub lazy_load_model: bool,
     /// Images per model run when indexing.
     #[serde(default = "d::max_batch_size")]
@@ -56,14 +56,17 @@ pub struct Config {
     #[serde(default)]
     pub ort_intra_threads: usize,
     /// ONNX Runtime CPU memory arena: faster allocation, but it keeps freed memory.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub ort_memory_arena: bool,
     /// Weight prepacking: faster matmuls for a second copy of the weights in memory.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub ort_prepacking: bool,
     /// Graph optimisation level: disable, basic, extended or all.
     #[serde(default = "d::ort_optimization")]
     pub ort_optimization: String,
+    /// Images decoded at once (each holds its pixels in memory); 0 = one per core.
+    #[serde(default)]
+    pub decode_concurrency: usize,
     /// Model runs at once (each holds its activations in memory).
     #[serde(default = "d::one")]
     pub max_concurrent_inferences: usize,
@@ -94,7 +97,7 @@ pub struct Config {
     #[serde(default = "d::max_redirects")]
     pub max_redirects: usize,
     /// Allow image URLs on loopback/private hosts (local development, internal image hosts).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     pub allow_private_image_hosts: bool,
 
     /// Product images fetched at once while indexing.
@@ -121,6 +124,30 @@ pub struct Config {
     #[serde(default = "d::cache_sync_interval_secs")]
     pub cache_sync_interval_secs: u64,
 }
+
+/// Booleans as deployments write them: true/false in any case, 1/0, yes/no, on/off
+/// (the old Python service accepted `True`).
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    parse_flag(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("expected true or false, got {other:?}")),
+    }
+}
+
+/// The boolean variables, checked first so an error can name the variable (serde's
+/// custom errors do not carry the field).
+const FLAGS: &[&str] = &[
+    "CACHE_PRODUCTS",
+    "LAZY_LOAD_MODEL",
+    "ORT_MEMORY_ARENA",
+    "ORT_PREPACKING",
+    "ALLOW_PRIVATE_IMAGE_HOSTS",
+];
 
 /// Defaults, named so serde can call them.
 mod d {
@@ -194,7 +221,8 @@ mod d {
         10 * 1024 * 1024
     }
     pub fn max_image_pixels() -> u64 {
-        25_000_000
+        // 4096 x 4096: above a 12-megapixel phone photo, and 48 MB decoded.
+        16_777_216
     }
     pub fn fetch_connect_timeout_secs() -> u64 {
         5
@@ -237,6 +265,12 @@ impl Config {
 
     /// Builds a config from explicit variables (tests, tools).
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        for (k, v) in &vars {
+            if FLAGS.contains(&k.to_ascii_uppercase().as_str()) {
+                parse_flag(v).map_err(|e| anyhow::anyhow!("configuration error in {k}: {e}"))?;
+            }
+        }
         // envy reports "missing value for field x"/"invalid value for x"; name the variable.
         let cfg: Config = envy::from_iter(vars).map_err(|e| {
             let msg = e.to_string();
@@ -318,7 +352,58 @@ impl Config {
             .ok_or_else(|| anyhow::anyhow!("configuration error: MONGO_URI is required"))
     }
 
+    pub fn decode_permits(&self) -> usize {
+        if self.decode_concurrency > 0 {
+            self.decode_concurrency
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_old_service() {
+        let c = Config::defaults();
+        assert_eq!((c.top_k, c.similarity_threshold, c.port), (10, 0.5, 8001));
+        assert_eq!(
+            (c.mongo_db_name.as_str(), c.mongo_collection.as_str()),
+            ("test", "products")
+        );
+        assert!(!c.cache_products && c.lazy_load_model);
+        assert_eq!(c.max_batch_size, 4);
+        assert_eq!(c.max_concurrent_requests, 10);
+        assert!(c.require_mongo_uri().is_err());
+    }
+
+    #[test]
+    fn booleans_lists_and_errors_name_the_variable() {
+        let c = with(&[
+            ("CACHE_PRODUCTS", "True"),
+            ("LAZY_LOAD_MODEL", "0"),
+            ("PRODUCT_FIELDS", "a,b"),
+        ])
+        .unwrap();
+        assert!(c.cache_products && !c.lazy_load_model);
+        assert_eq!(c.product_fields, vec!["a", "b"]);
+        let e = with(&[("PORT", "eighty")]).unwrap_err().to_string();
+        assert!(e.contains("PORT"), "{e}");
+        let e = with(&[("TOP_K", "0")]).unwrap_err().to_string();
+        assert!(e.contains("TOP_K"), "{e}");
+        let e = with(&[("CACHE_PRODUCTS", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CACHE_PRODUCTS"), "{e}");
     }
 }

@@ -8,7 +8,7 @@ use axum::Json;
 use crate::fetch::FetchError;
 
 /// An image the client (or a product) gave us that we cannot use.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("the image is empty")]
     Empty,
@@ -23,7 +23,7 @@ pub enum ImageError {
 }
 
 /// The model could not be loaded or run: our fault, not the client's.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("ONNX Runtime library could not be loaded: {0}")]
     Runtime(String),
@@ -35,8 +35,9 @@ pub enum ModelError {
     Inference(String),
 }
 
-/// What a handler can fail with.
-#[derive(Debug, thiserror::Error)]
+/// What a handler can fail with (cloneable: one index pass's outcome goes to every
+/// request waiting for it).
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum AppError {
     #[error("{0}")]
     BadRequest(String),

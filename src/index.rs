@@ -57,6 +57,7 @@ pub struct IndexContext<'a> {
     pub encoder: Arc<Encoder>,
     pub fetcher: &'a Fetcher,
     pub inference: &'a tokio::sync::Semaphore,
+    pub decode: &'a tokio::sync::Semaphore,
     pub batch_size: usize,
     pub fetch_concurrency: usize,
     pub retry_failed_after: Duration,
@@ -232,6 +233,9 @@ async fn prepare(
         }
     };
     let fetch_ms = ms(t);
+    let Ok(_permit) = ctx.decode.acquire().await else {
+        return (p, Err("shutting down".into()), fetch_ms, 0.0);
+    };
     let t = Instant::now();
     let enc = ctx.encoder.clone();
     let tensor = tokio::task::spawn_blocking(move || enc.prepare(&bytes))

@@ -29,7 +29,7 @@ pub struct SearchResult {
     pub rank: usize,
 }
 
-type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, String>>>;
+type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, AppError>>>;
 
 #[derive(Default)]
 struct SyncState {
@@ -51,6 +51,8 @@ pub struct Inner {
     pub fetcher: Fetcher,
     /// Model runs at once (memory is per run).
     pub inference: Semaphore,
+    /// Image decodes at once (memory is per decoded image).
+    pub decode: Semaphore,
     /// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
     cache: Option<RwLock<Option<VectorCache>>>,
     cache_synced: Mutex<Option<Instant>>,
@@ -96,6 +98,7 @@ impl AppState {
         let encoder = LazyEncoder::new(EncoderOptions::from_config(&config));
         Ok(Self(Arc::new(Inner {
             inference: Semaphore::new(config.max_concurrent_inferences),
+            decode: Semaphore::new(config.decode_permits()),
             cache: config.cache_products.then(|| RwLock::new(None)),
             cache_synced: Mutex::new(None),
             sync: Mutex::new(SyncState::default()),
@@ -168,10 +171,17 @@ impl AppState {
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
     ) -> Result<Vec<f32>, AppError> {
-        let enc = encoder.clone();
-        let tensor = tokio::task::spawn_blocking(move || enc.prepare(&bytes))
-            .await
-            .map_err(|e| AppError::Internal(e.to_string()))??;
+        let tensor = {
+            let _permit = self
+                .decode
+                .acquire()
+                .await
+                .map_err(|e| AppError::Internal(e.to_string()))?;
+            let enc = encoder.clone();
+            tokio::task::spawn_blocking(move || enc.prepare(&bytes))
+                .await
+                .map_err(|e| AppError::Internal(e.to_string()))??
+        };
         let _permit = self
             .inference
             .acquire()
@@ -224,7 +234,8 @@ impl AppState {
             .enumerate()
             .map(|(i, (product, score))| SearchResult {
                 product,
-                similarity_score: score,
+                // Rounding can put an identical image a hair above 1.
+                similarity_score: score.clamp(-1.0, 1.0),
                 rank: i + 1,
             })
             .collect())
@@ -278,7 +289,7 @@ impl AppState {
                 }
             };
             match fut {
-                Ok(f) => return f.await.map_err(AppError::Database),
+                Ok(f) => return f.await,
                 Err(running) => {
                     let _ = running.await;
                 }
@@ -304,12 +315,12 @@ impl AppState {
             if result.is_ok() {
                 st.last_done = Some(Instant::now());
             }
-            result.map_err(|e| e.to_string())
+            result
         });
         let fut = async move {
             handle
                 .await
-                .unwrap_or_else(|e| Err(format!("index pass panicked: {e}")))
+                .unwrap_or_else(|e| Err(AppError::Internal(format!("index pass panicked: {e}"))))
         }
         .boxed()
         .shared();
@@ -334,6 +345,7 @@ impl AppState {
             encoder,
             fetcher: &self.fetcher,
             inference: &self.inference,
+            decode: &self.decode,
             batch_size: self.config.max_batch_size,
             fetch_concurrency: self.config.index_fetch_concurrency,
             retry_failed_after: Duration::from_secs(self.config.retry_failed_after_secs),

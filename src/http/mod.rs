@@ -25,9 +25,16 @@ use crate::service::AppState;
 /// answer at once however busy the searches are.
 pub fn app(state: AppState) -> Router {
     let cfg = &state.config;
+    let slots = Arc::new(Semaphore::new(cfg.max_concurrent_requests));
     let limit = Limiter {
-        slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
-        timeout: cfg.request_timeout(),
+        slots: slots.clone(),
+        timeout: Some(cfg.request_timeout()),
+    };
+    // A full refresh of a large catalogue may take minutes: it holds a slot but has no
+    // deadline (the pass goes on even if the client gives up).
+    let untimed = Limiter {
+        slots,
+        timeout: None,
     };
     let limited = Router::new()
         .route("/api/v1/search/url", post(search::by_url))
@@ -37,9 +44,13 @@ pub fn app(state: AppState) -> Router {
                 cfg.max_image_bytes + 64 * 1024,
             )),
         )
-        .route("/api/v1/refresh", post(meta::refresh))
         .route("/api/v1/status", get(meta::status))
-        .layer(middleware::from_fn_with_state(limit, limit_requests));
+        .layer(middleware::from_fn_with_state(limit, limit_requests))
+        .merge(
+            Router::new()
+                .route("/api/v1/refresh", post(meta::refresh))
+                .layer(middleware::from_fn_with_state(untimed, limit_requests)),
+        );
     Router::new()
         .route("/", get(meta::root))
         .route("/api/v1/health", get(meta::health))
@@ -55,7 +66,7 @@ pub fn app(state: AppState) -> Router {
 #[derive(Clone)]
 struct Limiter {
     slots: Arc<Semaphore>,
-    timeout: Duration,
+    timeout: Option<Duration>,
 }
 
 /// At most MAX_CONCURRENT_REQUESTS in flight, the rest refused with 503 at once (as the
@@ -67,7 +78,10 @@ async fn limit_requests(State(limit): State<Limiter>, req: Request, next: Next) 
             "the server is busy; try again shortly",
         );
     };
-    match tokio::time::timeout(limit.timeout, next.run(req)).await {
+    let Some(timeout) = limit.timeout else {
+        return next.run(req).await;
+    };
+    match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => detail_response(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
     }
