@@ -147,64 +147,93 @@ pub async fn run(ctx: IndexContext<'_>) -> Result<IndexReport, AppError> {
     let total_todo = todo.len();
     (ctx.progress)(0, total_todo);
 
-    // Fetch and decode concurrently (bounded), then embed in batches as they arrive.
-    let prepared = stream::iter(todo)
-        .map(|p| prepare(&ctx, p))
-        .buffer_unordered(ctx.fetch_concurrency);
-    let mut batches = prepared.chunks(ctx.batch_size);
-    let mut done = 0;
-    while let Some(batch) = batches.next().await {
-        let mut ready = Vec::new();
-        for (p, result, fetch_ms, decode_ms) in batch {
-            report.timings.fetch_ms += fetch_ms;
-            report.timings.decode_ms += decode_ms;
-            match result {
-                Ok(t) => ready.push((p, t)),
-                Err(reason) => {
-                    tracing::warn!(product = %p.id, url = %p.image_url, %reason, "product image skipped");
-                    let t = Instant::now();
-                    ctx.store
-                        .put_failure(&p.id, &p.image_url, &model, &reason)
-                        .await?;
-                    report.timings.store_ms += ms(t);
-                    report.failed += 1;
-                    done += 1;
+    // Fetch and decode concurrently (bounded) while the previous batch is in the model:
+    // a producer fills a small channel, the consumer embeds MAX_BATCH_SIZE at a time.
+    let (tx, rx) = tokio::sync::mpsc::channel(ctx.batch_size * 2);
+    let producer = async {
+        let tx = tx;
+        let mut prepared = stream::iter(todo)
+            .map(|p| prepare(&ctx, p))
+            .buffer_unordered(ctx.fetch_concurrency);
+        while let Some(item) = prepared.next().await {
+            if tx.send(item).await.is_err() {
+                break; // the consumer failed
+            }
+        }
+    };
+    let consumer = async {
+        // Owned here so a failed consumer drops it, which stops the producer.
+        let mut rx = rx;
+        let mut done = 0;
+        let mut batch = Vec::with_capacity(ctx.batch_size);
+        loop {
+            batch.clear();
+            while batch.len() < ctx.batch_size {
+                match rx.recv().await {
+                    Some(item) => batch.push(item),
+                    None => break,
                 }
             }
-        }
-        if !ready.is_empty() {
-            let t = Instant::now();
-            let tensors: Vec<Array3<f32>> = ready.iter().map(|(_, t)| t.clone()).collect();
-            let vectors = {
-                let _permit = ctx
-                    .inference
-                    .acquire()
-                    .await
-                    .map_err(|e| AppError::Internal(e.to_string()))?;
-                let enc = ctx.encoder.clone();
-                tokio::task::spawn_blocking(move || enc.embed_prepared(&tensors))
-                    .await
-                    .map_err(|e| AppError::Internal(e.to_string()))??
-            };
-            report.timings.model_ms += ms(t);
-            let t = Instant::now();
-            let model = &model;
-            let writes = ready.iter().zip(&vectors).map(|((p, _), v)| async move {
-                ctx.store
-                    .put_vector(&p.id, &p.image_url, model, v)
-                    .await
-                    .map(|at| (p.id.clone(), at))
-            });
-            let stored = futures::future::try_join_all(writes).await?;
-            report.timings.store_ms += ms(t);
-            for ((id, at), v) in stored.into_iter().zip(vectors) {
-                (ctx.on_change)(Change::Stored(id, v, at));
+            if batch.is_empty() {
+                return Ok::<_, AppError>(());
             }
-            report.embedded += ready.len();
-            done += ready.len();
+            let mut ready = Vec::new();
+            let mut tensors = Vec::new();
+            for (p, result, fetch_ms, decode_ms) in batch.drain(..) {
+                report.timings.fetch_ms += fetch_ms;
+                report.timings.decode_ms += decode_ms;
+                match result {
+                    Ok(t) => {
+                        ready.push(p);
+                        tensors.push(t);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(product = %p.id, url = %p.image_url, %reason, "product image skipped");
+                        let t = Instant::now();
+                        ctx.store
+                            .put_failure(&p.id, &p.image_url, &model, &reason)
+                            .await?;
+                        report.timings.store_ms += ms(t);
+                        report.failed += 1;
+                        done += 1;
+                    }
+                }
+            }
+            if !ready.is_empty() {
+                let t = Instant::now();
+                let vectors = {
+                    let _permit = ctx
+                        .inference
+                        .acquire()
+                        .await
+                        .map_err(|e| AppError::Internal(e.to_string()))?;
+                    let enc = ctx.encoder.clone();
+                    tokio::task::spawn_blocking(move || enc.embed_prepared(&tensors))
+                        .await
+                        .map_err(|e| AppError::Internal(e.to_string()))??
+                };
+                report.timings.model_ms += ms(t);
+                let t = Instant::now();
+                let model = &model;
+                let writes = ready.iter().zip(&vectors).map(|(p, v)| async move {
+                    ctx.store
+                        .put_vector(&p.id, &p.image_url, model, v)
+                        .await
+                        .map(|at| (p.id.clone(), at))
+                });
+                let stored = futures::future::try_join_all(writes).await?;
+                report.timings.store_ms += ms(t);
+                for ((id, at), v) in stored.into_iter().zip(vectors) {
+                    (ctx.on_change)(Change::Stored(id, v, at));
+                }
+                report.embedded += ready.len();
+                done += ready.len();
+            }
+            (ctx.progress)(done, total_todo);
         }
-        (ctx.progress)(done, total_todo);
-    }
+    };
+    let ((), consumed) = tokio::join!(producer, consumer);
+    consumed?;
     report.indexed_products = already_ok + report.embedded;
     report.timings.total_ms = ms(start);
     if total_todo > 0 || report.removed > 0 {

@@ -176,6 +176,15 @@ impl VectorCache {
         self.ids.len()
     }
 
+    /// Room for `n` more products, exactly: growing by doubling while loading would
+    /// briefly need twice the vectors' memory.
+    pub fn reserve_exact(&mut self, n: usize) {
+        self.vectors.reserve_exact(n * self.dim);
+        self.ids.reserve_exact(n);
+        self.updated.reserve_exact(n);
+        self.rows.reserve(n);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }

@@ -383,6 +383,7 @@ impl AppState {
             .is_some_and(|c| c.model == model);
         if !loaded {
             let mut fresh = VectorCache::new(model.to_string(), dim);
+            fresh.reserve_exact(self.store.count(model, true).await? as usize);
             let cursor = self
                 .store
                 .vectors(model, None, self.config.vector_batch_size)
