@@ -77,6 +77,10 @@ pub struct Config {
     /// Whole-request timeout (seconds), including a slow upload.
     #[serde(default = "d::request_timeout_secs")]
     pub request_timeout_secs: u64,
+    /// A connection must send a request's headers within this many seconds of being
+    /// ready for one (slow-loris clients; also closes connections idle that long).
+    #[serde(default = "d::header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
     /// Grace period for requests in flight on SIGTERM (seconds).
     #[serde(default = "d::shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
@@ -210,6 +214,9 @@ mod d {
     }
     pub fn request_timeout_secs() -> u64 {
         60
+    }
+    pub fn header_read_timeout_secs() -> u64 {
+        30
     }
     pub fn shutdown_grace_secs() -> u64 {
         20

@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod dbwatch;
 pub mod encoder;
 pub mod error;
 pub mod fetch;

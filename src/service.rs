@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use mongodb::bson::doc;
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 use serde::Serialize;
@@ -15,6 +14,7 @@ use tokio::sync::{Mutex, RwLock, Semaphore};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::dbwatch::DbWatch;
 use crate::encoder::{Encoder, EncoderOptions, LazyEncoder};
 use crate::error::AppError;
 use crate::fetch::{FetchConfig, Fetcher};
@@ -49,6 +49,8 @@ pub struct Inner {
     pub store: EmbeddingStore,
     pub encoder: LazyEncoder,
     pub fetcher: Fetcher,
+    /// MongoDB reachability for the health check.
+    pub db_watch: DbWatch,
     /// Model runs at once (memory is per run).
     pub inference: Semaphore,
     /// Image decodes at once (memory is per decoded image).
@@ -96,7 +98,9 @@ impl AppState {
             max_redirects: config.max_redirects,
         })?;
         let encoder = LazyEncoder::new(EncoderOptions::from_config(&config));
+        let db_watch = DbWatch::new(db.clone(), Duration::from_secs(config.mongo_timeout_secs));
         Ok(Self(Arc::new(Inner {
+            db_watch,
             inference: Semaphore::new(config.max_concurrent_inferences),
             decode: Semaphore::new(config.decode_permits()),
             cache: config.cache_products.then(|| RwLock::new(None)),
@@ -128,15 +132,13 @@ impl AppState {
         }
     }
 
-    /// Whether MongoDB answers a ping.
+    /// Whether MongoDB answers a ping now (health uses `db_watch`, which never waits).
     pub async fn database_ok(&self) -> Result<(), String> {
-        let ping = self.db.run_command(doc! { "ping": 1 });
-        match tokio::time::timeout(Duration::from_secs(self.config.mongo_timeout_secs), ping).await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("ping timed out".into()),
-        }
+        DbWatch::ping(
+            &self.db,
+            Duration::from_secs(self.config.mongo_timeout_secs),
+        )
+        .await
     }
 
     pub async fn search_url(

@@ -475,7 +475,14 @@ async fn health_follows_the_database_without_a_restart() {
     assert_eq!(body["database"], "connected");
     assert_eq!(body["model_loaded"], false, "health never loads the model");
     app.mongo.stop().await;
-    let (code, body) = app.get("/api/v1/health").await;
+    // Health answers from a ping made every second in the background (it never waits on
+    // MongoDB), so the outage shows within MONGO_TIMEOUT_SECS (2 s here) plus a second.
+    let t = std::time::Instant::now();
+    let (mut code, mut body) = app.get("/api/v1/health").await;
+    while code == 200 && t.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (code, body) = app.get("/api/v1/health").await;
+    }
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["status"], "unhealthy");
     assert_eq!(body["database"], "disconnected");

@@ -1,7 +1,5 @@
 //! `/`, health, status and refresh.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -28,19 +26,20 @@ pub async fn root() -> Json<serde_json::Value> {
     }))
 }
 
-/// Never loads the model; 503 while MongoDB is unreachable.
+/// Never loads the model and never waits on MongoDB (see `dbwatch`): 503 while MongoDB
+/// is unreachable.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let ping = tokio::time::timeout(Duration::from_secs(3), state.database_ok()).await;
+    let db = state.db_watch.status().await;
     let model_loaded = state.encoder.loaded().is_some();
-    match ping {
-        Ok(Ok(())) => Json(json!({
+    match db.result {
+        Ok(()) => Json(json!({
             "status": "healthy",
             "message": "API is running",
             "database": "connected",
             "model_loaded": model_loaded,
         }))
         .into_response(),
-        Ok(Err(_)) | Err(_) => (
+        Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "unhealthy",

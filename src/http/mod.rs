@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -58,6 +58,7 @@ pub fn app(state: AppState) -> Router {
         .route("/docs", get(docs::swagger_ui))
         .merge(limited)
         .fallback(|| async { detail_response(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(middleware::from_fn(close_if_body_unread))
         .layer(cors(&cfg.cors_allow_origins))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -85,6 +86,25 @@ async fn limit_requests(State(limit): State<Limiter>, req: Request, next: Next) 
         Ok(resp) => resp,
         Err(_) => detail_response(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
     }
+}
+
+/// An error answered to a request with a body may leave the body unread (refused when
+/// busy, timed out, rejected before the upload was read). hyper then closes the
+/// connection after the answer without saying so, and a client that reuses it for its
+/// next request gets a connection error instead of an answer (seen under overload).
+/// `Connection: close` makes clients open a new connection instead.
+async fn close_if_body_unread(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    let mut resp = next.run(req).await;
+    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
@@ -115,23 +135,78 @@ pub async fn serve(state: AppState) -> anyhow::Result<()> {
 }
 
 pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
+    serve_until(listener, state, shutdown_signal()).await
+}
+
+/// Serves until `stop` resolves, then stops accepting (new connections are refused),
+/// closes idle connections, lets requests in flight finish for up to SHUTDOWN_GRACE_SECS,
+/// and returns.
+///
+/// HTTP/1.1, as Render's proxy and the old uvicorn service speak it, with a deadline for
+/// each request's headers (HEADER_READ_TIMEOUT_SECS): a client that trickles its headers
+/// or holds a connection without sending a request is disconnected. (`axum::serve` sets
+/// no timer, so hyper's header timeout never fires there.) Bodies are bounded by
+/// REQUEST_TIMEOUT_SECS in `limit_requests`.
+pub async fn serve_until(
+    mut listener: tokio::net::TcpListener,
+    state: AppState,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use axum::serve::Listener;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
     let grace = Duration::from_secs(state.config.shutdown_grace_secs);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stopped = stop_rx.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    });
-    let server = tokio::spawn(async move { server.await });
-    shutdown_signal().await;
+    let header_timeout = Duration::from_secs(state.config.header_read_timeout_secs.max(1));
+    let app = app(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        // `Listener::accept` retries accept errors (e.g. out of file descriptors) itself.
+        let (io, _peer) = tokio::select! {
+            conn = Listener::accept(&mut listener) => conn,
+            _ = &mut stop => break,
+        };
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = closing.wait_for(|c| *c) => {}
+            }
+            // Finish the request in flight (if any), then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
     tracing::info!(
         grace_secs = grace.as_secs(),
+        connections = connections.len(),
         "shutting down: finishing requests in flight"
     );
-    let _ = stop_tx.send(true);
-    drop(stop_rx);
-    match tokio::time::timeout(grace, server).await {
-        Ok(r) => r??,
-        Err(_) => tracing::warn!("grace period over; exiting with requests still running"),
+    let _ = closing_tx.send(true);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "grace period over; exiting with requests still running"
+        );
+        connections.abort_all();
     }
     Ok(())
 }

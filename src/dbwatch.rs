@@ -1,0 +1,117 @@
+//! Whether MongoDB answers, for `/api/v1/health`, without the health check ever waiting
+//! on MongoDB.
+//!
+//! A health check that pings the database on every call waits behind whatever the
+//! database and the driver's connection pool are busy with: under search load it took
+//! several times as long as a route that touches nothing, and against a remote Atlas
+//! cluster each check costs a network round trip. Instead, once health has been asked
+//! for, a background task pings every second and health answers with the latest result
+//! at once. Only the very first call waits for a ping (bounded by MONGO_TIMEOUT_SECS). A
+//! database that goes away shows as `disconnected` within about a second when its
+//! connections are refused, or within MONGO_TIMEOUT_SECS when they hang.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::doc;
+use mongodb::Database;
+use tokio::sync::watch;
+
+/// How often the database is pinged while the watch runs.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The outcome of one ping.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    pub result: Result<(), String>,
+    /// When the ping finished.
+    pub at: Instant,
+    /// How long it took.
+    pub latency: Duration,
+}
+
+pub struct DbWatch {
+    db: Database,
+    timeout: Duration,
+    /// Set (and the pinging task started) on the first call to `status`.
+    latest: OnceLock<watch::Receiver<Option<Observation>>>,
+}
+
+impl DbWatch {
+    /// Does nothing until `status` is first called.
+    pub fn new(db: Database, timeout: Duration) -> Self {
+        Self {
+            db,
+            timeout,
+            latest: OnceLock::new(),
+        }
+    }
+
+    /// One ping, bounded by the timeout.
+    pub async fn ping(db: &Database, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, db.run_command(doc! { "ping": 1 })).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("ping timed out".into()),
+        }
+    }
+
+    /// The latest observation. The first call starts the background pings and waits for
+    /// the first one; later calls never wait. An observation older than the pings can
+    /// explain (the task is stuck or gone) counts as unreachable.
+    pub async fn status(&self) -> Observation {
+        let mut rx = self
+            .latest
+            .get_or_init(|| {
+                let (tx, rx) = watch::channel(None);
+                tokio::spawn(run(tx, self.db.clone(), self.timeout));
+                rx
+            })
+            .clone();
+        let obs = match rx.wait_for(Option::is_some).await {
+            Ok(o) => o.clone().expect("waited for Some"),
+            Err(_) => {
+                return Observation {
+                    result: Err("the database watch stopped".into()),
+                    at: Instant::now(),
+                    latency: Duration::ZERO,
+                }
+            }
+        };
+        let limit = PING_INTERVAL + self.timeout + Duration::from_secs(5);
+        if obs.at.elapsed() > limit {
+            return Observation {
+                result: Err(format!(
+                    "no answer from the database for {} s",
+                    obs.at.elapsed().as_secs()
+                )),
+                ..obs
+            };
+        }
+        obs
+    }
+}
+
+/// Pings every PING_INTERVAL until the watch is dropped; logs each change of state.
+async fn run(tx: watch::Sender<Option<Observation>>, db: Database, timeout: Duration) {
+    let mut was_ok = true;
+    loop {
+        let t = Instant::now();
+        let result = DbWatch::ping(&db, timeout).await;
+        match (&result, was_ok) {
+            (Err(e), true) => tracing::warn!(error = %e, "MongoDB is unreachable"),
+            (Ok(()), false) => tracing::info!("MongoDB is reachable again"),
+            _ => {}
+        }
+        was_ok = result.is_ok();
+        tx.send_replace(Some(Observation {
+            result,
+            at: Instant::now(),
+            latency: t.elapsed(),
+        }));
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(PING_INTERVAL) => {}
+        }
+    }
+}
