@@ -25,5 +25,9 @@ bench: setup
 monitor:
 	$(CARGO) run --release -- monitor
 
+# Fuzzes bytes -> decode -> preprocess for FUZZ_SECONDS (60); fails on any finding.
+fuzz:
+	scripts/fuzz.sh
+
 clean-models:
 	rm -rf models/out

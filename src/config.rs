@@ -67,6 +67,10 @@ pub struct Config {
     /// Images decoded at once (each holds its pixels in memory); 0 = one per core.
     #[serde(default)]
     pub decode_concurrency: usize,
+    /// How long a request waits for one image to decode before answering 400 (seconds,
+    /// fractions allowed). A decode past it finishes in the background, keeping its slot.
+    #[serde(default = "d::decode_timeout_secs")]
+    pub decode_timeout_secs: f64,
     /// Model runs at once (each holds its activations in memory).
     #[serde(default = "d::one")]
     pub max_concurrent_inferences: usize,
@@ -227,6 +231,11 @@ mod d {
     pub fn max_image_bytes() -> usize {
         10 * 1024 * 1024
     }
+    pub fn decode_timeout_secs() -> f64 {
+        // The largest legal image decodes in about 0.5 s on one core; room for a
+        // fraction of a shared CPU.
+        10.0
+    }
     pub fn max_image_pixels() -> u64 {
         // 4096 x 4096: above a 12-megapixel phone photo, and 48 MB decoded.
         16_777_216
@@ -334,6 +343,11 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            self.decode_timeout_secs > 0.0 && self.decode_timeout_secs <= 3600.0,
+            "DECODE_TIMEOUT_SECS",
+            "must be more than 0 and at most 3600",
+        )?;
+        check(
             self.vector_batch_size >= 1,
             "VECTOR_BATCH_SIZE",
             "must be at least 1",
@@ -365,6 +379,10 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
+    }
+
+    pub fn decode_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.decode_timeout_secs)
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -20,6 +20,9 @@ pub enum ImageError {
     TooManyPixels { width: u32, height: u32, limit: u64 },
     #[error("the image could not be decoded: {0}")]
     Corrupt(String),
+    /// Decoding ran past DECODE_TIMEOUT_SECS (the decode finishes in the background).
+    #[error("the image took too long to decode (over {secs} s)")]
+    TooSlow { secs: f64 },
 }
 
 /// The model could not be loaded or run: our fault, not the client's.

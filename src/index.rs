@@ -14,7 +14,7 @@ use ndarray::Array3;
 use serde::Serialize;
 
 use crate::catalog::{Catalog, ProductRef};
-use crate::encoder::Encoder;
+use crate::encoder::{DecodeGate, Encoder};
 use crate::error::AppError;
 use crate::fetch::Fetcher;
 use crate::store::{EmbeddingStore, ProductId, StoredMeta};
@@ -57,7 +57,7 @@ pub struct IndexContext<'a> {
     pub encoder: Arc<Encoder>,
     pub fetcher: &'a Fetcher,
     pub inference: &'a tokio::sync::Semaphore,
-    pub decode: &'a tokio::sync::Semaphore,
+    pub decode: &'a DecodeGate,
     pub batch_size: usize,
     pub fetch_concurrency: usize,
     pub retry_failed_after: Duration,
@@ -262,15 +262,15 @@ async fn prepare(
         }
     };
     let fetch_ms = ms(t);
-    let Ok(_permit) = ctx.decode.acquire().await else {
-        return (p, Err("shutting down".into()), fetch_ms, 0.0);
+    let slot = match ctx.decode.slot().await {
+        Ok(slot) => slot,
+        Err(e) => return (p, Err(e.detail()), fetch_ms, 0.0),
     };
     let t = Instant::now();
-    let enc = ctx.encoder.clone();
-    let tensor = tokio::task::spawn_blocking(move || enc.prepare(&bytes))
+    let tensor = slot
+        .prepare(&ctx.encoder, bytes)
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .map_err(|e| e.detail());
     (p, tensor, fetch_ms, ms(t))
 }
 

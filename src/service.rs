@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, RwLock, Semaphore};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::dbwatch::DbWatch;
-use crate::encoder::{Encoder, EncoderOptions, LazyEncoder};
+use crate::encoder::{DecodeGate, Encoder, EncoderOptions, LazyEncoder};
 use crate::error::AppError;
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::index::{self, Change, IndexContext, IndexReport};
@@ -53,8 +53,9 @@ pub struct Inner {
     pub db_watch: DbWatch,
     /// Model runs at once (memory is per run).
     pub inference: Semaphore,
-    /// Image decodes at once (memory is per decoded image).
-    pub decode: Semaphore,
+    /// Image decodes at once (memory is per decoded image), each waited for at most
+    /// DECODE_TIMEOUT_SECS.
+    pub decode: DecodeGate,
     /// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
     cache: Option<RwLock<Option<VectorCache>>>,
     cache_synced: Mutex<Option<Instant>>,
@@ -102,7 +103,7 @@ impl AppState {
         Ok(Self(Arc::new(Inner {
             db_watch,
             inference: Semaphore::new(config.max_concurrent_inferences),
-            decode: Semaphore::new(config.decode_permits()),
+            decode: DecodeGate::new(config.decode_permits(), config.decode_timeout()),
             cache: config.cache_products.then(|| RwLock::new(None)),
             cache_synced: Mutex::new(None),
             sync: Mutex::new(SyncState::default()),
@@ -173,17 +174,7 @@ impl AppState {
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
     ) -> Result<Vec<f32>, AppError> {
-        let tensor = {
-            let _permit = self
-                .decode
-                .acquire()
-                .await
-                .map_err(|e| AppError::Internal(e.to_string()))?;
-            let enc = encoder.clone();
-            tokio::task::spawn_blocking(move || enc.prepare(&bytes))
-                .await
-                .map_err(|e| AppError::Internal(e.to_string()))??
-        };
+        let tensor = self.decode.prepare(encoder, bytes).await?;
         let _permit = self
             .inference
             .acquire()

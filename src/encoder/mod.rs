@@ -2,6 +2,7 @@
 //! Bytes are decoded and preprocessed (`preprocess`), run through ONNX Runtime
 //! (`runtime`), and returned as L2-normalised vectors. `lazy` loads it on first use.
 
+pub mod gate;
 pub mod lazy;
 pub mod preprocess;
 pub mod runtime;
@@ -18,6 +19,7 @@ use ort::value::{TensorRef, ValueType};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use gate::{DecodeGate, DecodeSlot};
 pub use lazy::LazyEncoder;
 pub use preprocess::{decode, DecodeLimits, Preprocessing};
 pub use runtime::SessionSettings;

@@ -263,8 +263,9 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
         Some(_) => {}
     }
     let mut decoder_limits = Limits::default();
-    // Room for the decoded pixels (up to 16-bit RGBA) and the decoder's own buffers.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(64 << 20));
+    // The decoders' own buffers (PNG also counts its eagerly inflated ICC profile here,
+    // a favourite bomb). The pixels are checked below.
+    decoder_limits.max_alloc = Some(pixel_bytes_budget(limits).max(64 << 20));
     reader.limits(decoder_limits);
     let mut decoder = reader.into_decoder().map_err(map_image_error)?;
     let (width, height) = decoder.dimensions();
@@ -278,12 +279,28 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
             limit: limits.max_pixels,
         });
     }
+    // 16-bit images take up to 8 bytes a pixel: hold every format to what the pixel cap
+    // costs in 8-bit RGBA. No real photo under the byte cap is refused by this (a 16-bit
+    // photo that size is far larger than MAX_IMAGE_BYTES); synthetic bombs are.
+    let bytes_per_pixel = decoder.color_type().bytes_per_pixel().max(1) as u64;
+    if decoder.total_bytes() > pixel_bytes_budget(limits) {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            limit: pixel_bytes_budget(limits) / bytes_per_pixel,
+        });
+    }
     let orientation = decoder.orientation().ok();
     let mut img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
     Ok(flatten_to_rgb(img))
+}
+
+/// Bytes of decoded pixels allowed: the pixel cap in 8-bit RGBA.
+fn pixel_bytes_budget(limits: DecodeLimits) -> u64 {
+    limits.max_pixels.saturating_mul(4)
 }
 
 /// Whether a JPEG has its end-of-image marker after the first scan. Entropy-coded data
