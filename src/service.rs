@@ -29,6 +29,48 @@ pub struct SearchResult {
     pub rank: usize,
 }
 
+/// Where one search's time went, in milliseconds (sent as the `Server-Timing` header).
+/// `decode` and `model` include waiting for their permits; `sync` (bringing embeddings
+/// up to date) runs at the same time as they do; `rank` includes reading the vectors
+/// (from MongoDB, or loading the cache), `join` reading the product documents.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SearchTimings {
+    pub fetch_ms: Option<f64>,
+    /// Getting the model (its lazy load on the first search).
+    pub load_ms: f64,
+    pub decode_ms: f64,
+    pub model_ms: f64,
+    pub sync_ms: f64,
+    pub rank_ms: f64,
+    pub join_ms: f64,
+    pub total_ms: f64,
+}
+
+impl SearchTimings {
+    /// `fetch;dur=12.3, load;dur=0.0, ...` (the W3C Server-Timing syntax).
+    pub fn header_value(&self) -> String {
+        let parts = [
+            ("fetch", self.fetch_ms),
+            ("load", Some(self.load_ms)),
+            ("decode", Some(self.decode_ms)),
+            ("model", Some(self.model_ms)),
+            ("sync", Some(self.sync_ms)),
+            ("rank", Some(self.rank_ms)),
+            ("join", Some(self.join_ms)),
+            ("total", Some(self.total_ms)),
+        ];
+        parts
+            .iter()
+            .filter_map(|(name, v)| v.map(|v| format!("{name};dur={v:.2}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, AppError>>>;
 
 #[derive(Default)]
@@ -148,8 +190,23 @@ impl AppState {
         top_k: usize,
         threshold: f32,
     ) -> Result<Vec<SearchResult>, AppError> {
+        Ok(self.search_url_timed(url, top_k, threshold).await?.0)
+    }
+
+    /// `search_url`, and where its time went (the `Server-Timing` header).
+    pub async fn search_url_timed(
+        &self,
+        url: &str,
+        top_k: usize,
+        threshold: f32,
+    ) -> Result<(Vec<SearchResult>, SearchTimings), AppError> {
+        let start = Instant::now();
         let bytes = self.fetcher.fetch(url).await?;
-        self.search_bytes(bytes, top_k, threshold).await
+        let fetch_ms = ms_since(start);
+        let (results, mut timings) = self.search_bytes_timed(bytes, top_k, threshold).await?;
+        timings.fetch_ms = Some(fetch_ms);
+        timings.total_ms += fetch_ms;
+        Ok((results, timings))
     }
 
     pub async fn search_bytes(
@@ -158,23 +215,52 @@ impl AppState {
         top_k: usize,
         threshold: f32,
     ) -> Result<Vec<SearchResult>, AppError> {
+        Ok(self.search_bytes_timed(bytes, top_k, threshold).await?.0)
+    }
+
+    /// `search_bytes`, and where its time went (the `Server-Timing` header).
+    pub async fn search_bytes_timed(
+        &self,
+        bytes: bytes::Bytes,
+        top_k: usize,
+        threshold: f32,
+    ) -> Result<(Vec<SearchResult>, SearchTimings), AppError> {
+        let start = Instant::now();
         let encoder = self.encoder.get().await?;
+        let mut tm = SearchTimings {
+            load_ms: ms_since(start),
+            ..Default::default()
+        };
         // Embed the query while the catalogue is brought up to date.
-        let (query, ()) =
-            tokio::try_join!(self.embed_query(&encoder, bytes), self.sync_for_search())?;
+        let sync = async {
+            let t = Instant::now();
+            self.sync_for_search().await.map(|()| ms_since(t))
+        };
+        let ((query, decode_ms, model_ms), sync_ms) =
+            tokio::try_join!(self.embed_query(&encoder, bytes), sync)?;
+        (tm.decode_ms, tm.model_ms, tm.sync_ms) = (decode_ms, model_ms, sync_ms);
         let model = encoder.identity().key();
         // A few spare candidates, in case products were deleted since the last pass.
         let want = top_k + top_k / 2 + 2;
+        let t = Instant::now();
         let scored = self.rank(&model, &query, want, threshold).await?;
-        self.join_products(scored, top_k).await
+        tm.rank_ms = ms_since(t);
+        let t = Instant::now();
+        let results = self.join_products(scored, top_k).await?;
+        tm.join_ms = ms_since(t);
+        tm.total_ms = ms_since(start);
+        Ok((results, tm))
     }
 
     async fn embed_query(
         &self,
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
-    ) -> Result<Vec<f32>, AppError> {
+    ) -> Result<(Vec<f32>, f64, f64), AppError> {
+        let t = Instant::now();
         let tensor = self.decode.prepare(encoder, bytes).await?;
+        let decode_ms = ms_since(t);
+        let t = Instant::now();
         let _permit = self
             .inference
             .acquire()
@@ -184,7 +270,7 @@ impl AppState {
         let mut v = tokio::task::spawn_blocking(move || enc.embed_prepared(&[tensor]))
             .await
             .map_err(|e| AppError::Internal(e.to_string()))??;
-        Ok(v.pop().unwrap_or_default())
+        Ok((v.pop().unwrap_or_default(), decode_ms, ms_since(t)))
     }
 
     async fn rank(

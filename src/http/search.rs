@@ -13,9 +13,21 @@ use serde_json::{Map, Value};
 
 use crate::config::Config;
 use crate::error::{AppError, ImageError};
-use crate::service::{AppState, SearchResult};
+use crate::service::{AppState, SearchResult, SearchTimings};
 
-type Results = Result<Json<Vec<SearchResult>>, AppError>;
+/// The results, and where the time went as a `Server-Timing` header (browsers' developer
+/// tools show it; the benchmark reads it).
+type Results = Result<([(header::HeaderName, String); 1], Json<Vec<SearchResult>>), AppError>;
+
+fn timed((results, timings): (Vec<SearchResult>, SearchTimings)) -> Results {
+    Ok((
+        [(
+            header::HeaderName::from_static("server-timing"),
+            timings.header_value(),
+        )],
+        Json(results),
+    ))
+}
 type QueryParams = Result<Query<HashMap<String, String>>, QueryRejection>;
 
 /// `POST /api/v1/search/url?image_url=..&top_k=..&threshold=..` or with a JSON body.
@@ -30,11 +42,11 @@ pub async fn by_url(
     let url = params
         .image_url
         .ok_or_else(|| AppError::Invalid("image_url is required".into()))?;
-    Ok(Json(
+    timed(
         state
-            .search_url(&url, params.top_k, params.threshold)
+            .search_url_timed(&url, params.top_k, params.threshold)
             .await?,
-    ))
+    )
 }
 
 /// `POST /api/v1/search/image?top_k=..&threshold=..`, multipart with the image in `file`.
@@ -51,11 +63,11 @@ pub async fn by_upload(
         ))
     })?;
     let bytes = read_file_field(&mut multipart, state.config.max_image_bytes).await?;
-    Ok(Json(
+    timed(
         state
-            .search_bytes(bytes, params.top_k, params.threshold)
+            .search_bytes_timed(bytes, params.top_k, params.threshold)
             .await?,
-    ))
+    )
 }
 
 /// Validated search parameters.

@@ -1,0 +1,706 @@
+#!/usr/bin/env python3
+"""`make bench`: the end-to-end benchmark of search-img, unattended, on 127.0.0.1.
+
+What it does (see README "Benchmarks"):
+  1. starts SecantusDB (MongoDB wire protocol) with fresh storage, and an image server
+     (`bench-load serve-images`) for photos made from scikit-image's sample photos;
+  2. seeds one products collection of max(BENCH_SIZES) products; the 1,000-product
+     catalogue is its first 1,000 products (MAX_PRODUCTS=1000, exactly what a user with
+     1,000 products gets), the 10,000 one the whole collection;
+  3. per model, into its own EMBEDDINGS_COLLECTION: bare ONNX Runtime baseline
+     (bench/bare_ort.py, same file and thread count, batch 1 and MAX_BATCH_SIZE), then
+     for each catalogue size an indexing service (POST /api/v1/refresh: products/s and
+     where the time went), a bare driver cursor read of the stored vectors, and for
+     CACHE_PRODUCTS=false and true a fresh search service (release build, real process):
+     idle RSS, start to healthy, first search with the lazy model load, warm searches at
+     concurrency 1 and 10 (`bench-load load`), peak RSS (VmHWM and sampled), with
+     `search-img monitor` watching it; then the bare baseline once more;
+  4. prints the markdown tables and writes bench/results/latest.{json,md}.
+
+Environment knobs (defaults in brackets): BENCH_MODELS [clip-vit-b32-int8,clip-vit-b32,
+efficientnet-lite0], BENCH_SIZES [1000,10000], BENCH_C1_REQUESTS [100],
+BENCH_C10_REQUESTS [200], BENCH_MAX_SECS [30] per load phase, BENCH_BARE_RUNS [20],
+MAX_BATCH_SIZE [4] (passed to the service and the bare baseline), BENCH_SERVICE_ENV
+(extra VAR=value pairs, comma-separated, for every service: to compare settings).
+"""
+
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pymongo
+from bson import ObjectId
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target/release/search-img"
+LOAD = ROOT / "target/release/bench-load"
+PY = sys.executable
+WORK = Path(os.environ.get("BENCH_WORK", ROOT / "bench/work"))
+RESULTS = ROOT / "bench/results"
+BUDGET_MB = 512.0
+
+MODELS = [m for m in os.environ.get(
+    "BENCH_MODELS", "clip-vit-b32-int8,clip-vit-b32,efficientnet-lite0").split(",") if m]
+SIZES = sorted(int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000").split(",") if s)
+C1 = int(os.environ.get("BENCH_C1_REQUESTS", "100"))
+C10 = int(os.environ.get("BENCH_C10_REQUESTS", "200"))
+MAX_SECS = float(os.environ.get("BENCH_MAX_SECS", "30"))
+BARE_RUNS = int(os.environ.get("BENCH_BARE_RUNS", "20"))
+BATCH = int(os.environ.get("MAX_BATCH_SIZE", "4"))
+IMG_SIZE = 320
+IMG_VERSION = "v1"  # bump when `bench-load images` changes what it draws
+EXTRA_ENV = dict(
+    kv.split("=", 1) for kv in os.environ.get("BENCH_SERVICE_ENV", "").split(",") if "=" in kv)
+THREADS = len(os.sched_getaffinity(0))
+DB = "bench"
+
+T0 = time.monotonic()
+CHILDREN = []  # processes to stop on the way out
+
+
+def log(msg):
+    print(f"[bench {time.monotonic() - T0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_kb(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def mb(kb):
+    return None if kb is None else kb / 1024.0
+
+
+def http_json(method, port, path, timeout=60.0, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, (json.loads(data) if data else None)
+    finally:
+        conn.close()
+
+
+def run_json(cmd, **kw):
+    out = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Machine, database, photos, catalogue
+
+
+def machine():
+    def sh(cmd):
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return None
+
+    mem_kb = None
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    import onnxruntime
+
+    return {
+        "nproc": int(sh("nproc") or 0),
+        "cpu": sh("lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n1"),
+        "memory_gb": round(mem_kb / 1048576, 1) if mem_kb else None,
+        "kernel": platform.release(),
+        "onnxruntime": onnxruntime.__version__,
+        "rustc": sh("rustc --version"),
+        "git": sh(f"git -C {ROOT} rev-parse --short HEAD") + (
+            "+dirty" if sh(f"git -C {ROOT} status --porcelain --untracked-files=no") else ""),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def start_mongo():
+    port = free_port()
+    storage = WORK / "mongo"
+    shutil.rmtree(storage, ignore_errors=True)
+    env = dict(os.environ, MONGO_CACHE_SIZE=os.environ.get("MONGO_CACHE_SIZE", "256M"))
+    out = subprocess.run([str(ROOT / "scripts/start-mongo.sh"), str(port), str(storage)],
+                         check=True, capture_output=True, text=True, env=env)
+    uri = out.stdout.strip().splitlines()[-1]
+    pid = int((ROOT / f".tools/run/mongo-{port}.pid").read_text().strip())
+    log(f"SecantusDB on {uri} (pid {pid})")
+    return port, uri, pid
+
+
+def stop_mongo(port):
+    subprocess.run([str(ROOT / "scripts/start-mongo.sh"), "stop", str(port)],
+                   capture_output=True)
+
+
+def make_photos(count):
+    out = WORK / "images"
+    stamp = out / ".done"
+    want = f"{IMG_VERSION} count={count} size={IMG_SIZE}"
+    if stamp.exists() and stamp.read_text() == want:
+        log(f"photos: reusing {count} in {out}")
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.monotonic()
+    subprocess.run([str(LOAD), "images", "--src", str(ROOT / ".tools/data/skimage"),
+                    "--out", str(out), "--count", str(count), "--size", str(IMG_SIZE),
+                    "--query", str(WORK / "query.jpg")], check=True)
+    stamp.write_text(want)
+    log(f"photos: made {count} in {time.monotonic() - t:.1f} s")
+    return out
+
+
+def serve_photos(images):
+    port = free_port()
+    p = subprocess.Popen([str(LOAD), "serve-images", "--dir", str(images), "--port", str(port)])
+    CHILDREN.append(p)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/img/00000.jpg")
+            if conn.getresponse().status == 200:
+                return port, p
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError("image server did not start")
+
+
+NOUNS = ["cake", "mug", "lamp", "chair", "bag", "shoe", "watch", "plant", "poster", "vase",
+         "scarf", "toy", "helmet", "kettle", "clock"]
+ADJS = ["Classic", "Modern", "Vintage", "Handmade", "Deluxe", "Mini", "Large", "Organic",
+        "Limited", "Everyday"]
+
+
+def seed_catalogue(uri, count, img_port):
+    client = pymongo.MongoClient(uri)
+    coll = client[DB]["products"]
+    coll.drop()
+    cats = [ObjectId() for _ in range(12)]
+    t = time.monotonic()
+    base = datetime.datetime(2025, 1, 2, 5, 16, 41, 123000, tzinfo=datetime.timezone.utc)
+    for start in range(0, count, 1000):
+        docs = []
+        for i in range(start, min(count, start + 1000)):
+            noun = NOUNS[i % len(NOUNS)]
+            at = base + datetime.timedelta(minutes=i)
+            docs.append({
+                "_id": ObjectId(),  # increasing: the first N by _id are the first N made
+                "productName": f"{ADJS[(i // 15) % len(ADJS)]} {noun} #{i}",
+                "productPrice": 50000 + (i * 7919) % 950000,
+                "productImage": f"http://127.0.0.1:{img_port}/img/{i:05d}.jpg",
+                "productCategory": cats[i % len(cats)],
+                "productSize": 10 + i % 30,
+                "productDescription": f"A {noun} from the benchmark catalogue, item {i}. "
+                                      "Made with care; ships in two days.",
+                "averageRating": round(1 + (i % 41) / 10, 1),
+                "totalRatings": i % 500,
+                "productQuantity": i % 100,
+                "productDiscount": (i % 5) * 5,
+                "isHidden": False,
+                "createdAt": at,
+                "updatedAt": at,
+                "__v": 0,
+            })
+        coll.insert_many(docs, ordered=True)
+    log(f"catalogue: {count} products in {time.monotonic() - t:.1f} s")
+    client.close()
+
+
+# --------------------------------------------------------------------------------------
+# Bare baselines
+
+
+def bare_input():
+    path = WORK / f"bare-input-{BATCH}.npy"
+    if not path.exists():
+        # Timing does not depend on the pixel values; a fixed random batch.
+        x = np.random.default_rng(0).standard_normal((BATCH, 3, 224, 224)).astype(np.float32)
+        np.save(path, x)
+    return path
+
+
+def bare(model_path, arena, prepacking):
+    return run_json([PY, ROOT / "bench/bare_ort.py", "--model", model_path, "--input",
+                     bare_input(), "--threads", THREADS, "--arena", arena, "--prepacking",
+                     prepacking, "--runs", BARE_RUNS, "--warmup", 3])
+
+
+def bare_pair(model_path):
+    """The same model with the service's session settings (no arena, no prepacking: its
+    defaults) and with ONNX Runtime's own defaults (arena and prepacking on)."""
+    svc = bare(model_path, "false", "false")
+    ort_defaults = bare(model_path, "true", "true")
+    return {"service_settings": svc, "ort_defaults": ort_defaults}
+
+
+def cursor_read(uri, coll, model_key):
+    return run_json([LOAD, "cursor", "--uri", uri, "--db", DB, "--collection", coll,
+                     "--model", model_key, "--batch-size", 1000, "--runs", 7])
+
+
+# --------------------------------------------------------------------------------------
+# The service as a process
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Service:
+    """`search-img serve` started as a user would, watched from outside."""
+
+    def __init__(self, name, env, mongo_uri):
+        self.name = name
+        self.port = free_port()
+        self.dir = WORK / "svc"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = WORK / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "NO_COLOR": "1",
+            "MONGO_URI": mongo_uri,
+            "MONGO_DB_NAME": DB,
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            "ALLOW_PRIVATE_IMAGE_HOSTS": "true",
+            "MAX_BATCH_SIZE": str(BATCH),
+            "LOG_LEVEL": "info,ort=warn",
+            **EXTRA_ENV,
+            **env,
+        }
+        self.samples = []  # (t, rss_kb)
+        self._stop = threading.Event()
+
+    def start(self):
+        logf = open(self.log_path, "w")
+        t0 = time.monotonic()
+        # cwd: an empty folder, so no developer's .env leaks in.
+        self.proc = subprocess.Popen([str(BIN), "serve"], env=self.env, cwd=self.dir,
+                                     stdout=logf, stderr=subprocess.STDOUT)
+        CHILDREN.append(self.proc)
+        self.pid = self.proc.pid
+        threading.Thread(target=self._sample, daemon=True).start()
+        deadline = t0 + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: see {self.log_path}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/api/v1/health")
+                r = conn.getresponse()
+                r.read()
+                conn.close()
+                if r.status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not healthy after 30 s")
+            time.sleep(0.002)
+        self.health_ms = (time.monotonic() - t0) * 1e3
+        # Idle: healthy, start-up work (index creation) done, model not loaded.
+        time.sleep(0.5)
+        self.idle_rss_mb = mb(status_kb(self.pid, "VmRSS"))
+        self.monitor = subprocess.Popen(
+            [str(BIN), "monitor", "--url", f"http://127.0.0.1:{self.port}", "--pid",
+             str(self.pid), "--interval", "2"],
+            stdout=open(WORK / "logs" / f"{self.name}.monitor.log", "w"),
+            stderr=subprocess.STDOUT, cwd=self.dir)
+        CHILDREN.append(self.monitor)
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            kb = status_kb(self.pid, "VmRSS")
+            if kb is None:
+                return
+            self.samples.append((time.monotonic(), kb))
+            time.sleep(0.05)
+
+    def rss_mb(self):
+        return mb(status_kb(self.pid, "VmRSS"))
+
+    def search_url(self):
+        return f"http://127.0.0.1:{self.port}/api/v1/search/image?top_k=10&threshold=0"
+
+    def load(self, concurrency, requests, warmup=0):
+        return run_json([LOAD, "load", "--url", self.search_url(), "--file",
+                         WORK / "query.jpg", "--concurrency", concurrency, "--requests",
+                         requests, "--warmup", warmup, "--max-secs", MAX_SECS])
+
+    def stop(self):
+        self.peak_mb = mb(status_kb(self.pid, "VmHWM"))
+        self.max_sampled_mb = mb(max((kb for _, kb in self.samples), default=None))
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.monitor.terminate()
+        self.monitor.wait()
+        text = ANSI.sub("", self.log_path.read_text(errors="replace"))
+        m = re.search(r"load_ms=(\d+)", text)
+        self.model_load_ms = int(m.group(1)) if m else None
+        m = re.search(r"product vectors cached in memory.*?vectors=(\d+) bytes=(\d+)", text)
+        self.cache_heap = (int(m.group(1)), int(m.group(2))) if m else None
+        mon = (WORK / "logs" / f"{self.name}.monitor.log").read_text(errors="replace")
+        self.monitor_lines = [line for line in mon.splitlines() if line.startswith("rss")]
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# One model
+
+
+def model_key(status):
+    m = status["model"]
+    return f"{m['name']}@{m['sha256'][:16]}"
+
+
+def bench_model(model, uri):
+    path = ROOT / "models/out" / model / "model.onnx"
+    coll = "emb_" + re.sub(r"[^A-Za-z0-9]", "_", model)
+    out = {"model": model, "model_mb": path.stat().st_size / 1048576, "collection": coll,
+           "sizes": {}}
+    log(f"{model}: bare runtime baseline (before)")
+    out["bare_before"] = bare_pair(path)
+    env = {"MODEL_PATH": str(path), "EMBEDDINGS_COLLECTION": coll}
+    for size in SIZES:
+        res = out["sizes"][str(size)] = {}
+        # Indexing: a service whose only job is POST /refresh.
+        svc = Service(f"{model}-{size}-index", {**env, "MAX_PRODUCTS": str(size)}, uri).start()
+        log(f"{model} {size}: indexing (healthy in {svc.health_ms:.0f} ms)")
+        t = time.monotonic()
+        code, report = http_json("POST", svc.port, "/api/v1/refresh", timeout=7200)
+        wall = time.monotonic() - t
+        assert code == 200, report
+        _, status = http_json("GET", svc.port, "/api/v1/status")
+        svc.stop()
+        key = model_key(status)
+        tm = report["timings"]
+        res["index"] = {
+            "report": report,
+            "wall_s": wall,
+            "products_per_s": report["embedded"] / (tm["total_ms"] / 1e3)
+            if report["embedded"] else None,
+            "peak_rss_mb": svc.peak_mb,
+            "max_sampled_rss_mb": svc.max_sampled_mb,
+            "model_load_ms": svc.model_load_ms,
+        }
+        log(f"{model} {size}: embedded {report['embedded']} at "
+            f"{res['index']['products_per_s'] or 0:.1f}/s, peak {svc.peak_mb:.0f} MB")
+        res["cursor"] = cursor_read(uri, coll, key)
+        log(f"{model} {size}: bare cursor read of {res['cursor']['docs']} vectors "
+            f"{res['cursor']['p50_ms']:.1f} ms")
+        for cache in ("false", "true"):
+            svc = Service(f"{model}-{size}-cache-{cache}",
+                          {**env, "MAX_PRODUCTS": str(size), "CACHE_PRODUCTS": cache},
+                          uri).start()
+            first = svc.load(1, 1)
+            rss_first = svc.rss_mb()
+            _, status = http_json("GET", svc.port, "/api/v1/status")
+            c1 = svc.load(1, C1, warmup=5)
+            c10 = svc.load(10, C10, warmup=0)
+            rss_end = svc.rss_mb()
+            svc.stop()
+            r = res["cache_" + cache] = {
+                "health_ms": svc.health_ms,
+                "idle_rss_mb": svc.idle_rss_mb,
+                "first_search": first,
+                "first_search_ms": first["p50_ms"],
+                "model_load_ms": svc.model_load_ms,
+                "rss_after_first_search_mb": rss_first,
+                "rss_end_mb": rss_end,
+                "status": status,
+                "c1": c1,
+                "c10": c10,
+                "peak_rss_mb": svc.peak_mb,
+                "max_sampled_rss_mb": svc.max_sampled_mb,
+                "cache_heap": svc.cache_heap,
+                "monitor_lines": svc.monitor_lines[-3:],
+            }
+            log(f"{model} {size} cache={cache}: health {svc.health_ms:.0f} ms, idle "
+                f"{svc.idle_rss_mb:.1f} MB, first {first['p50_ms']:.0f} ms, c1 p50 "
+                f"{c1['p50_ms']:.1f} ms, c10 p50 {c10['p50_ms']:.1f} ms "
+                f"{c10['rps']:.1f}/s, peak {svc.peak_mb:.0f} MB")
+            if c1["ok"] < c1["requests"] or c10["ok"] < c10["requests"]:
+                log(f"  errors: c1 {c1['statuses']} c10 {c10['statuses']}")
+    log(f"{model}: bare runtime baseline (after)")
+    out["bare_after"] = bare_pair(path)
+    out["dim"] = status["model"]["dim"] if status.get("model") else None
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Figures, targets, tables
+
+
+def bare_figures(m):
+    """Mean of the before and after medians (the machine's load drifts)."""
+    out = {}
+    for cfg in ("service_settings", "ort_defaults"):
+        a, b = m["bare_before"][cfg], m["bare_after"][cfg]
+        out[cfg] = {
+            "batch1_ms": (a["batch1_ms"] + b["batch1_ms"]) / 2,
+            "batchB_ms_per_img": (a["batchB_ms_per_img"] + b["batchB_ms_per_img"]) / 2,
+            "batch": a["batch"],
+            "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
+            "load_s": (a["load_s"] + b["load_s"]) / 2,
+        }
+    return out
+
+
+def derive(m):
+    """Ratios and shares for one model."""
+    bare_f = bare_figures(m)
+    d = {"bare": bare_f, "sizes": {}}
+    for size, r in m["sizes"].items():
+        n = int(size)
+        x = d["sizes"][size] = {}
+        tm = r["index"]["report"]["timings"]
+        parts = {k: tm[k + "_ms"] for k in ("fetch", "decode", "model", "store")}
+        busy = sum(parts.values()) or 1.0
+        x["index_share"] = {k: v / busy for k, v in parts.items()}
+        x["index_model_wall_share"] = tm["model_ms"] / tm["total_ms"] if tm["total_ms"] else None
+        pps = r["index"]["products_per_s"]
+        for cfg, b in bare_f.items():
+            bare_pps = 1e3 / b["batchB_ms_per_img"]
+            x[f"index_vs_bare_{cfg}"] = pps / bare_pps if pps else None
+            x[f"c1_p50_vs_bare_{cfg}_cache_true"] = r["cache_true"]["c1"]["p50_ms"] / b["batch1_ms"]
+            x[f"c1_p50_vs_bare_{cfg}_plus_cursor_cache_false"] = (
+                r["cache_false"]["c1"]["p50_ms"] / (b["batch1_ms"] + r["cursor"]["p50_ms"]))
+        vectors = r["cache_true"]["status"].get("cached_vectors") or 0
+        dim = m["sizes"][size]["cache_true"]["status"]["model"]["dim"]
+        raw = vectors * dim * 4
+        x["raw_vector_mb"] = raw / 1048576
+        grow = r["cache_true"]["rss_after_first_search_mb"] - r["cache_false"]["rss_after_first_search_mb"]
+        x["cache_rss_growth_mb"] = grow
+        x["cache_growth_vs_raw"] = grow * 1048576 / raw if raw else None
+        if r["cache_true"].get("cache_heap"):
+            x["cache_heap_vs_raw"] = r["cache_true"]["cache_heap"][1] / raw if raw else None
+        x["search_peak_mb"] = max(r["cache_false"]["peak_rss_mb"], r["cache_true"]["peak_rss_mb"])
+    return d
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def tables(result):
+    lines = []
+    lines.append("| model | products | cache | idle RSS MB | start→healthy ms | first search ms "
+                 "(model load) | c=1 p50 / p95 / p99 ms | c=1 req/s | c=10 p50 / p95 / p99 ms "
+                 "| c=10 req/s | errors | peak RSS MB (VmHWM / sampled) | < 512 MB |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for m in result["models"]:
+        for size, r in m["sizes"].items():
+            for cache in ("false", "true"):
+                c = r["cache_" + cache]
+                c1, c10 = c["c1"], c["c10"]
+                errs = (c1["requests"] - c1["ok"]) + (c10["requests"] - c10["ok"])
+                peak = max(c["peak_rss_mb"], c["max_sampled_rss_mb"] or 0)
+                lines.append(
+                    f"| {m['model']} | {int(size):,} | {cache} | {fmt(c['idle_rss_mb'])} | "
+                    f"{fmt(c['health_ms'], 0)} | {fmt(c['first_search_ms'], 0)} "
+                    f"({fmt(c['model_load_ms'])}) | {fmt(c1['p50_ms'])} / {fmt(c1['p95_ms'])} / "
+                    f"{fmt(c1['p99_ms'])} | {fmt(c1['rps'])} | {fmt(c10['p50_ms'])} / "
+                    f"{fmt(c10['p95_ms'])} / {fmt(c10['p99_ms'])} | {fmt(c10['rps'])} | {errs} | "
+                    f"{fmt(c['peak_rss_mb'], 0)} / {fmt(c['max_sampled_rss_mb'], 0)} | "
+                    f"{'yes' if peak < BUDGET_MB else 'NO'} |")
+    lines.append("")
+    lines.append("Search time split at c=1 (medians from the service's Server-Timing header, ms):")
+    lines.append("")
+    lines.append("| model | products | cache | total p50 | decode+preprocess | model | sync | "
+                 "rank (incl. DB read) | join (DB) | other (HTTP, queueing) |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for m in result["models"]:
+        for size, r in m["sizes"].items():
+            for cache in ("false", "true"):
+                c1 = r["cache_" + cache]["c1"]
+                st = c1.get("server_timing") or {}
+                g = lambda k: (st.get(k) or {}).get("p50")  # noqa: E731
+                total = st.get("total", {}).get("p50")
+                other = c1["p50_ms"] - total if total is not None else None
+                lines.append(
+                    f"| {m['model']} | {int(size):,} | {cache} | {fmt(c1['p50_ms'])} | "
+                    f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('sync'))} | "
+                    f"{fmt(g('rank'))} | {fmt(g('join'))} | {fmt(other)} |")
+    lines.append("")
+    lines.append(f"Bare ONNX Runtime (Python, same file, {THREADS} threads; mean of the "
+                 "medians before and after the model's service runs), bare cursor read "
+                 "(Rust driver, same filter/projection/batch size), indexing:")
+    lines.append("")
+    lines.append("| model | bare batch-1 ms: service settings / ORT defaults | bare batch-"
+                 f"{BATCH} ms per image | products | cursor read ms | indexing products/s | "
+                 "vs bare batch (svc / ORT) | share fetch / decode / model / MongoDB | "
+                 "model's share of wall | indexing peak RSS MB |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for m in result["models"]:
+        d = m["derived"]
+        b = d["bare"]
+        for size, r in m["sizes"].items():
+            x = d["sizes"][size]
+            sh = x["index_share"]
+            lines.append(
+                f"| {m['model']} | {fmt(b['service_settings']['batch1_ms'])} / "
+                f"{fmt(b['ort_defaults']['batch1_ms'])} | "
+                f"{fmt(b['service_settings']['batchB_ms_per_img'])} / "
+                f"{fmt(b['ort_defaults']['batchB_ms_per_img'])} | {int(size):,} "
+                f"({r['index']['report']['embedded']:,} embedded) | {fmt(r['cursor']['p50_ms'])} | "
+                f"{fmt(r['index']['products_per_s'])} | "
+                f"{fmt(x['index_vs_bare_service_settings'], 2)} / "
+                f"{fmt(x['index_vs_bare_ort_defaults'], 2)} | "
+                f"{sh['fetch']:.0%} / {sh['decode']:.0%} / {sh['model']:.0%} / {sh['store']:.0%} | "
+                f"{fmt(x['index_model_wall_share'] and 100 * x['index_model_wall_share'], 0)}% | "
+                f"{fmt(r['index']['peak_rss_mb'], 0)} |")
+    lines.append("")
+    lines.append("Targets (issue 4):")
+    lines.append("")
+    lines.append("| target | figure | holds |")
+    lines.append("|---|---|---|")
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['figure']} | {'yes' if t['ok'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def targets(result):
+    out = []
+
+    def add(target, figure, ok):
+        out.append({"target": target, "figure": figure, "ok": bool(ok)})
+
+    big = str(max(SIZES))
+    for m in result["models"]:
+        name, d = m["model"], m["derived"]
+        r = m["sizes"][big]
+        peak = max(max(c["peak_rss_mb"], c["max_sampled_rss_mb"] or 0)
+                   for s in m["sizes"].values() for c in (s["cache_false"], s["cache_true"]))
+        limit = {"clip-vit-b32-int8": 300, "clip-vit-b32": 480}.get(name, BUDGET_MB)
+        add(f"{name}: search service peak RSS ≤ {limit:.0f} MB", f"{peak:.0f} MB", peak <= limit)
+        idle = max(s[c]["idle_rss_mb"] for s in m["sizes"].values()
+                   for c in ("cache_false", "cache_true"))
+        add(f"{name}: idle RSS before the model loads ≤ 30 MB", f"{idle:.1f} MB", idle <= 30)
+        health = max(s[c]["health_ms"] for s in m["sizes"].values()
+                     for c in ("cache_false", "cache_true"))
+        add(f"{name}: healthy within 100 ms of start", f"{health:.0f} ms (worst)", health <= 100)
+        if name == "clip-vit-b32-int8":
+            first = max(s[c]["first_search_ms"] for s in m["sizes"].values()
+                        for c in ("cache_false", "cache_true"))
+            add(f"{name}: first search incl. model load ≤ 1.5 s", f"{first:.0f} ms (worst)",
+                first <= 1500)
+        x = d["sizes"][big]
+        for cfg, label in (("service_settings", "bare with the service's session settings"),
+                           ("ort_defaults", "bare with ORT defaults")):
+            v = x[f"c1_p50_vs_bare_{cfg}_cache_true"]
+            add(f"{name}, {int(big):,} products, CACHE=true: c=1 p50 ≤ 1.3× bare batch-1 "
+                f"({label})", f"{v:.2f}×", v <= 1.3)
+            v = x[f"c1_p50_vs_bare_{cfg}_plus_cursor_cache_false"]
+            add(f"{name}, {int(big):,} products, CACHE=false: c=1 p50 ≤ 1.3× (bare batch-1 + "
+                f"cursor read) ({label})", f"{v:.2f}×", v <= 1.3)
+            v = x[f"index_vs_bare_{cfg}"]
+            if v is not None:
+                add(f"{name}: indexing ≥ 0.8× bare batch throughput ({label})", f"{v:.2f}×",
+                    v >= 0.8)
+        g = x.get("cache_growth_vs_raw")
+        if g is not None:
+            add(f"{name}: CACHE=true RSS growth ≤ 1.1× raw vector bytes ({x['raw_vector_mb']:.1f} MB)",
+                f"{x['cache_rss_growth_mb']:.1f} MB = {g:.2f}× (heap accounting "
+                f"{fmt(x.get('cache_heap_vs_raw'), 2)}×)", g <= 1.1)
+    return out
+
+
+def main():
+    for f in (BIN, LOAD):
+        if not f.exists():
+            sys.exit(f"{f} missing: run `make bench` (it builds the release binaries)")
+    WORK.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(WORK / "logs", ignore_errors=True)
+    result = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(),
+              "settings": {"models": MODELS, "sizes": SIZES, "c1_requests": C1,
+                           "c10_requests": C10, "max_secs": MAX_SECS, "bare_runs": BARE_RUNS,
+                           "max_batch_size": BATCH, "threads": THREADS,
+                           "image_size": IMG_SIZE, "service_env": EXTRA_ENV}}
+    log(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu']}, "
+        f"{result['machine']['memory_gb']} GB, load {result['machine']['loadavg_start']}")
+    mongo_port = None
+    try:
+        mongo_port, uri, mongo_pid = start_mongo()
+        images = make_photos(max(SIZES))
+        img_port, _ = serve_photos(images)
+        seed_catalogue(uri, max(SIZES), img_port)
+        result["models"] = []
+        for model in MODELS:
+            m = bench_model(model, uri)
+            m["derived"] = derive(m)
+            result["models"].append(m)
+        result["mongo_peak_rss_mb"] = mb(status_kb(mongo_pid, "VmHWM"))
+    finally:
+        for p in reversed(CHILDREN):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if mongo_port:
+            stop_mongo(mongo_port)
+    result["targets"] = targets(result)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["total_s"] = time.monotonic() - T0
+    md = tables(result)
+    mach = result["machine"]
+    header = (f"Machine: {mach['nproc']} cores ({mach['cpu']}), {mach['memory_gb']} GB, "
+              f"ONNX Runtime {mach['onnxruntime']}, commit {mach['git']}, "
+              f"load average {mach['loadavg_start'][0]:.1f} at start / "
+              f"{mach['loadavg_end'][0]:.1f} at end; benchmark took "
+              f"{result['total_s'] / 60:.1f} min.")
+    md = header + "\n\n" + md + "\n"
+    print(md)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (WORK / "history").mkdir(exist_ok=True)
+    for d, name in ((RESULTS, "latest"), (WORK / "history", f"bench-{stamp}")):
+        (d / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (d / f"{name}.md").write_text(md)
+    log(f"wrote {RESULTS / 'latest.json'} and latest.md ({result['total_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
