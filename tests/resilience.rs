@@ -560,3 +560,67 @@ async fn a_slow_image_host_does_not_hold_up_searches() {
     println!("slow image host: a search answered in {waited:?} while the pass waited for it");
     assert_no_panics();
 }
+
+/// Uploads refused while the service is busy, or rejected before their body is read,
+/// get their answer (503 or 422 with a `detail`), not a broken pipe or a reset
+/// connection, and the client's next requests work (no dead connection reused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_uploads_get_their_answer_not_a_broken_connection() {
+    record_panics();
+    let app = start(&[("MAX_CONCURRENT_REQUESTS", "1")]).await;
+    app.state.refresh().await.unwrap();
+    app.images.put("slow.jpg", jpeg(&photo("coffee.png"), 80));
+    app.images.delay("slow.jpg", Duration::from_secs(4));
+    let slow_url = app.images.url("slow.jpg");
+    let holder = tokio::spawn({
+        let (http, url) = (
+            app.http.clone(),
+            app.url(&format!(
+                "/api/v1/search/url?image_url={}",
+                common::app::urlencode(&slow_url)
+            )),
+        );
+        async move { http.post(url).send().await.unwrap().status().as_u16() }
+    });
+    let t = Instant::now();
+    while app.images.hits("slow.jpg") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 4 MB uploads, refused without being read.
+    let big = vec![0x5a_u8; 4 << 20];
+    let upload = |params: &str| {
+        let form = reqwest::multipart::Form::new().part(
+            "file",
+            reqwest::multipart::Part::bytes(big.clone()).file_name("big.jpg"),
+        );
+        app.http
+            .post(app.url(&format!("/api/v1/search/image?{params}")))
+            .multipart(form)
+            .send()
+    };
+    for i in 0..4 {
+        let r = upload("top_k=3").await.unwrap_or_else(|e| {
+            panic!("refused upload {i} got a connection error instead of its 503: {e:?}")
+        });
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["connection"], "close");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["detail"].as_str().unwrap().contains("busy"), "{body}");
+    }
+    assert_eq!(holder.await.unwrap(), 200);
+    // Rejected for its parameters before the body is read.
+    let r = upload("top_k=0")
+        .await
+        .expect("a 422, not a connection error");
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].is_string(), "{body}");
+    // And the same client goes on working.
+    let (code, body) = app
+        .search_upload(jpeg(&photo("coffee.png"), 80), "top_k=1")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(app.names(&body), ["Espresso cup"]);
+    assert_no_panics();
+}

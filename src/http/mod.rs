@@ -8,6 +8,7 @@ mod search;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -58,7 +59,10 @@ pub fn app(state: AppState) -> Router {
         .route("/docs", get(docs::swagger_ui))
         .merge(limited)
         .fallback(|| async { detail_response(StatusCode::NOT_FOUND, "Not Found") })
-        .layer(middleware::from_fn(close_if_body_unread))
+        .layer(middleware::from_fn_with_state(
+            cfg.max_image_bytes + 64 * 1024,
+            close_if_body_unread,
+        ))
         .layer(cors(&cfg.cors_allow_origins))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -89,22 +93,112 @@ async fn limit_requests(State(limit): State<Limiter>, req: Request, next: Next) 
 }
 
 /// An error answered to a request with a body may leave the body unread (refused when
-/// busy, timed out, rejected before the upload was read). hyper then closes the
-/// connection after the answer without saying so, and a client that reuses it for its
-/// next request gets a connection error instead of an answer (seen under overload).
-/// `Connection: close` makes clients open a new connection instead.
-async fn close_if_body_unread(req: Request, next: Next) -> Response {
+/// busy, rejected before the upload was read, timed out). hyper then closes the
+/// connection after the answer without saying so: a client that reused the connection
+/// got a connection error instead of an answer, and one still sending its upload got a
+/// broken pipe instead of the 503 (both seen under overload). So such answers say
+/// `Connection: close`, and the rest of an abandoned body is read and discarded in the
+/// background (at most `drain_bytes`, for at most `DRAIN_TIME`, holding no request slot)
+/// so that the client gets to read the answer before the connection closes. Not after a
+/// 408: a client too slow to send its request in time is not waited for.
+async fn close_if_body_unread(
+    State(drain_bytes): State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
     let headers = req.headers();
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get(header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() != b"0");
+    if !has_body {
+        return next.run(req).await;
+    }
+    let abandoned = Abandoned::default();
+    let req = req.map(|b| {
+        Body::new(WatchedBody {
+            inner: Some(b),
+            done: false,
+            abandoned: abandoned.clone(),
+        })
+    });
     let mut resp = next.run(req).await;
-    if has_body && (resp.status().is_client_error() || resp.status().is_server_error()) {
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    let rest = abandoned.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(mut body) = rest.filter(|_| status != StatusCode::REQUEST_TIMEOUT) {
+        tokio::spawn(async move {
+            let read_rest = async {
+                let mut n = 0usize;
+                while let Some(Ok(frame)) =
+                    std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    n += frame.data_ref().map_or(0, |d| d.len());
+                    if n > drain_bytes {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, read_rest).await;
+        });
+    }
     resp
+}
+
+/// How long an abandoned request body is read for.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Where a request body dropped before its end is left for `close_if_body_unread`.
+type Abandoned = Arc<std::sync::Mutex<Option<Body>>>;
+
+/// A request body that, dropped before its end, leaves the rest in `abandoned`.
+struct WatchedBody {
+    inner: Option<Body>,
+    done: bool,
+    abandoned: Abandoned,
+}
+
+impl HttpBody for WatchedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) {
+            self.done = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner
+            .as_ref()
+            .map(HttpBody::size_hint)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        if let Some(body) = self.inner.take() {
+            if !self.done && !body.is_end_stream() {
+                *self.abandoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(body);
+            }
+        }
+    }
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
