@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
                 let cfg = Config::from_env()?;
@@ -61,7 +61,11 @@ fn main() -> anyhow::Result<()> {
                 count,
             } => search_img::monitor::run(&url, pid, Duration::from_secs(interval), count).await,
         }
-    })
+    });
+    // Blocking work still running (a decode, a model run, a DNS lookup) must not hold the
+    // exit past the shutdown grace period: dropping the runtime would wait for it.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 async fn index() -> anyhow::Result<()> {
