@@ -275,7 +275,7 @@ impl HealthProbe {
             let mut out = Vec::new();
             let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
-                let health = n % 2 == 0;
+                let health = n.is_multiple_of(2);
                 n += 1;
                 let path = if health { "/api/v1/health" } else { "/" };
                 let t = Instant::now();
@@ -1120,7 +1120,7 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
         } else {
             (key.clone(), "http://old.example/photo.jpg".to_string())
         };
-        let v = vec![0.5f32; 4];
+        let v = [0.5f32; 4];
         let mut bytes = vec![0x27, 0];
         bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
         embeddings
