@@ -130,6 +130,7 @@ pub fn dot_le_bytes(query: &[f32], bytes: &[u8]) -> f32 {
 /// Ranks vectors streamed from a MongoDB cursor, one batch at a time.
 pub async fn rank_stream(
     mut cursor: Cursor<RawDocumentBuf>,
+    model: &str,
     query: &[f32],
     k: usize,
     threshold: f32,
@@ -137,7 +138,7 @@ pub async fn rank_stream(
     let mut top = TopK::new(k, threshold);
     let want = query.len() * 4;
     while cursor.advance().await? {
-        let Some((id, bytes)) = raw_vector(cursor.current()) else {
+        let Some((id, bytes)) = raw_vector(cursor.current(), model) else {
             continue;
         };
         if bytes.len() != want {
@@ -247,7 +248,7 @@ impl VectorCache {
         let mut buf = Vec::with_capacity(self.dim);
         while cursor.advance().await? {
             let d = cursor.current();
-            let Some((id, bytes)) = raw_vector(d) else {
+            let Some((id, bytes)) = raw_vector(d, &self.model) else {
                 continue;
             };
             if bytes.len() != self.dim * 4 {

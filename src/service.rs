@@ -294,7 +294,7 @@ impl AppState {
                     .store
                     .vectors(model, None, self.config.vector_batch_size)
                     .await?;
-                Ok(rank_stream(cursor, query, k, threshold).await?)
+                Ok(rank_stream(cursor, model, query, k, threshold).await?)
             }
         }
     }
@@ -462,7 +462,9 @@ impl AppState {
             .is_some_and(|c| c.model == model);
         if !loaded {
             let mut fresh = VectorCache::new(model.to_string(), dim);
-            fresh.reserve_exact(self.store.count(model, true).await? as usize);
+            // An upper bound from metadata (a count of the model's vectors took as long as
+            // reading half of them); `shrink` below returns what was not used.
+            fresh.reserve_exact(self.store.estimated_count().await? as usize);
             let cursor = self
                 .store
                 .vectors(model, None, self.config.vector_batch_size)
