@@ -877,6 +877,54 @@ fn compressed_payload_bombs_stay_bounded() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
+/// Extreme aspect ratios within the pixel cap (found by the fuzzer: a 16 x 9496 JPEG
+/// took 14 s; a 1 x 16-million strip would have asked for terabytes and aborted the
+/// process): the preprocessing work is bounded by the output, not by the aspect ratio.
+#[test]
+fn extreme_aspect_ratios_preprocess_quickly_and_sensibly() {
+    let prep = encoder().preprocessing().clone();
+    let strip = |w: u32, h: u32| {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+        })
+    };
+    for (w, h) in [
+        (1, 1_000_000),
+        (1_000_000, 1),
+        (16, 9_496),
+        (9_496, 16),
+        (2, 500_000),
+        (1, 1),
+        (3, 1),
+    ] {
+        let t = Instant::now();
+        let tensor = prep.to_tensor(&strip(w, h));
+        assert_eq!(tensor.shape(), &[3, 224, 224], "{w}x{h}");
+        assert!(tensor.iter().all(|v| v.is_finite()), "{w}x{h}");
+        assert!(t.elapsed() < quick(), "{w}x{h}: {:?}", t.elapsed());
+    }
+    // Just past the threshold the shortcut keeps what resize-then-crop keeps.
+    let img = image::imageops::resize(&cat(), 20 * 112, 112, image::imageops::FilterType::Triangle);
+    let fast = prep.to_tensor(&img);
+    let big = image::imageops::resize(&img, 20 * 224, 224, image::imageops::FilterType::CatmullRom);
+    let reference = image::imageops::crop_imm(&big, (20 * 224 - 224) / 2, 0, 224, 224).to_image();
+    let mut diff = 0.0f64;
+    for (x, y, p) in reference.enumerate_pixels() {
+        for c in 0..3 {
+            let want = (p[c] as f32 / 255.0 - 0.498) / 0.502;
+            diff += (fast[[c, y as usize, x as usize]] - want).abs() as f64;
+        }
+    }
+    let mean = diff / (224.0 * 224.0 * 3.0);
+    assert!(mean < 0.02, "mean difference {mean:.4}");
+    // Through the whole path: a decoded 1 x 500000 PNG strip.
+    let t = Instant::now();
+    let png_strip = png_with_ihdr(1, 500_000, 8, 0, &zlib_zeros(2 * 500_000));
+    let tensor = encoder().prepare(&png_strip).expect("a strip is an image");
+    assert_eq!(tensor.shape(), &[3, 224, 224]);
+    assert!(t.elapsed() < quick() * 2, "{:?}", t.elapsed());
+}
+
 // ------------------------------------------------------------------- over HTTP
 
 /// Every format, uploaded and by URL: the cat figurine comes first.

@@ -182,6 +182,9 @@ impl Preprocessing {
             } else {
                 ((s * w as u64 / h as u64).max(1), s)
             };
+            if nw * nh > MAX_RESIZE_OVERSHOOT * ow as u64 * oh as u64 {
+                return self.resize_extreme(img, nw, nh);
+            }
             if (nw as u32, nh as u32) == (w, h) {
                 img.clone()
             } else {
@@ -205,6 +208,40 @@ impl Preprocessing {
         let left = round_half_even((rw - ow) as f64 / 2.0);
         let top = round_half_even((rh - oh) as f64 / 2.0);
         image::imageops::crop_imm(&resized, left, top, ow, oh).to_image()
+    }
+}
+
+/// How much larger than the output the shorter-side resize may be. Past it, the resize
+/// costs more than the decode: a 1-pixel-wide strip within the pixel cap (1 x 16
+/// million) would be resized to 224 x 3.7 billion pixels before the crop (tens of
+/// gigabytes for the first buffer alone: the failed allocation aborts the process), and
+/// the fuzzer's 16 x 9496 JPEG took seconds.
+const MAX_RESIZE_OVERSHOOT: u64 = 16;
+
+impl Preprocessing {
+    /// An aspect ratio past `MAX_RESIZE_OVERSHOOT`: take from the source only the part
+    /// the reference pipeline would keep (the centre region that the crop maps back to;
+    /// all of it without a crop) and resize that straight to the output size. Borders
+    /// may differ by a pixel from resize-then-crop; the work is bounded by the output.
+    fn resize_extreme(&self, img: &RgbImage, nw: u64, nh: u64) -> RgbImage {
+        let (oh, ow) = self.output_hw();
+        if !self.do_center_crop {
+            return image::imageops::resize(img, ow, oh, self.resample);
+        }
+        let (w, h) = (img.width() as u64, img.height() as u64);
+        let span = |out: u64, resized: u64, src: u64| {
+            (out.min(resized) * src).div_ceil(resized).clamp(1, src)
+        };
+        let (cw, ch) = (span(ow as u64, nw, w), span(oh as u64, nh, h));
+        let region = image::imageops::crop_imm(
+            img,
+            ((w - cw) / 2) as u32,
+            ((h - ch) / 2) as u32,
+            cw as u32,
+            ch as u32,
+        )
+        .to_image();
+        image::imageops::resize(&region, ow, oh, self.resample)
     }
 }
 
