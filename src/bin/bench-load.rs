@@ -9,8 +9,10 @@
 //! - `serve-images`: a static file server for those photos on 127.0.0.1.
 //! - `load`: N multipart uploads to `/api/v1/search/image` at concurrency C; latency
 //!   percentiles, requests/s and the service's own `Server-Timing` split, as JSON.
-//! - `cursor`: how long a bare driver cursor takes to read the stored vectors of a model
-//!   (same filter, projection and batch size as the service's ranking scan), as JSON.
+//! - `cursor`: how long a bare driver cursor takes to read the stored vectors of a model,
+//!   as a plain read of the whole collection and with a model/status filter and a
+//!   projection (the floor is the faster), and a bare `_id $in` read of product documents
+//!   (what the service's join costs the database), as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,12 @@ enum Cmd {
         batch_size: u32,
         #[arg(long, default_value_t = 7)]
         runs: usize,
+        /// Also time reading this many product documents by `_id $in` (0 = no).
+        #[arg(long, default_value_t = 17)]
+        join: usize,
+        /// The products collection for `--join`.
+        #[arg(long, default_value = "products")]
+        products: String,
     },
 }
 
@@ -136,8 +144,19 @@ fn main() -> anyhow::Result<()> {
             model,
             batch_size,
             runs,
+            join,
+            products,
         } => {
-            let out = rt()?.block_on(cursor(&uri, &db, &collection, &model, batch_size, runs))?;
+            let out = rt()?.block_on(cursor(
+                &uri,
+                &db,
+                &collection,
+                &model,
+                batch_size,
+                runs,
+                join,
+                &products,
+            ))?;
             println!("{out}");
             Ok(())
         }
@@ -238,7 +257,7 @@ fn images(
     })?;
     if let Some(q) = query {
         // A photo that is none of the catalogue's, but like some of them.
-        let mut rng = Rng::new(seed ^ 0x5EED_0F_0E);
+        let mut rng = Rng::new(seed ^ 0x5EED_0F0E);
         let i = paths
             .iter()
             .position(|p| p.file_name().is_some_and(|n| n == "chelsea.png"))
@@ -439,7 +458,7 @@ async fn request(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Sam
     };
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let results = (status == 200)
-        .then(|| text.as_deref())
+        .then_some(text.as_deref())
         .flatten()
         .and_then(|b| serde_json::from_slice::<Vec<Value>>(b).ok())
         .map(|v| v.len());
@@ -519,6 +538,7 @@ fn summarise(spec: &LoadSpec, samples: Vec<Sample>, wall: f64) -> Value {
 // ---------------------------------------------------------------------------------------
 // Bare cursor read
 
+#[allow(clippy::too_many_arguments)]
 async fn cursor(
     uri: &str,
     db: &str,
@@ -526,41 +546,130 @@ async fn cursor(
     model: &str,
     batch_size: u32,
     runs: usize,
+    join: usize,
+    products: &str,
 ) -> anyhow::Result<Value> {
-    use mongodb::bson::{doc, RawDocumentBuf};
+    use mongodb::bson::{doc, Bson, Document, RawDocumentBuf};
     let client = mongodb::Client::with_uri_str(uri).await?;
-    let coll = client.database(db).collection::<RawDocumentBuf>(collection);
-    let mut times = Vec::new();
-    let (mut docs, mut bytes) = (0usize, 0usize);
-    // The first run warms the connection pool and the server's cache; not counted.
-    for run in 0..=runs.max(1) {
-        let t = Instant::now();
-        let mut cur = coll
-            .find(doc! { "model": model, "status": "ok" })
-            .projection(doc! { "vector": 1, "updated_at": 1 })
-            .batch_size(batch_size)
-            .await?;
-        let (mut n, mut b) = (0usize, 0usize);
-        while cur.advance().await? {
-            n += 1;
-            b += cur.current().as_bytes().len();
+    let db = client.database(db);
+    let coll = db.collection::<RawDocumentBuf>(collection);
+    let runs = runs.max(1);
+    // Two ways of reading the same vectors; the floor is the faster. Each way's first run
+    // warms the pool and the server's cache and is not counted; the ways alternate so
+    // that the machine's drift hits both alike.
+    let ways: [(&str, Document, Option<Document>); 2] = [
+        ("plain", doc! {}, None),
+        (
+            "filtered",
+            doc! { "model": model, "status": "ok" },
+            Some(doc! { "vector": 1, "updated_at": 1 }),
+        ),
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
+    let mut counts = vec![(0usize, 0usize); ways.len()];
+    for run in 0..=runs {
+        for (w, (_, filter, projection)) in ways.iter().enumerate() {
+            let t = Instant::now();
+            let mut cur = coll
+                .find(filter.clone())
+                .with_options(
+                    mongodb::options::FindOptions::builder()
+                        .projection(projection.clone())
+                        .batch_size(batch_size)
+                        .build(),
+                )
+                .await?;
+            let (mut n, mut b) = (0usize, 0usize);
+            while cur.advance().await? {
+                let d = cur.current();
+                // Count the model's usable vectors (the plain read returns every document).
+                let usable = projection.is_some()
+                    || (d.get_str("model").ok() == Some(model)
+                        && d.get_str("status").ok() == Some("ok"));
+                n += usize::from(usable);
+                b += d.as_bytes().len();
+            }
+            if run > 0 {
+                times[w].push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            counts[w] = (n, b);
         }
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        if run > 0 {
-            times.push(ms);
-        }
-        (docs, bytes) = (n, b);
     }
-    times.sort_by(f64::total_cmp);
+    let mut out = serde_json::Map::new();
+    for (w, (name, _, _)) in ways.iter().enumerate() {
+        times[w].sort_by(f64::total_cmp);
+        out.insert(
+            name.to_string(),
+            json!({
+                "docs": counts[w].0,
+                "bytes": counts[w].1,
+                "p50_ms": percentile(&times[w], 50.0),
+                "min_ms": times[w].first(),
+            }),
+        );
+    }
+    let p50 = |w: usize| percentile(&times[w], 50.0).unwrap_or(f64::INFINITY);
+    let best = if p50(0) <= p50(1) { 0 } else { 1 };
+
+    // The join: `_id $in` of `join` products from the middle of the catalogue, with the
+    // service's default projection.
+    let mut join_ms = Vec::new();
+    if join > 0 {
+        let pc = db.collection::<Document>(products);
+        let mut ids: Vec<Bson> = Vec::new();
+        let mut cur = pc
+            .find(doc! {})
+            .projection(doc! { "_id": 1 })
+            .skip(counts[0].0 as u64 / 2)
+            .limit(join as i64)
+            .await?;
+        while cur.advance().await? {
+            if let Ok(id) = cur.deserialize_current() {
+                if let Some(id) = id.get("_id") {
+                    ids.push(id.clone());
+                }
+            }
+        }
+        let mut projection = Document::new();
+        for f in [
+            "_id",
+            "productName",
+            "productPrice",
+            "productImage",
+            "productCategory",
+            "productSize",
+            "productDescription",
+            "averageRating",
+            "totalRatings",
+            "createdAt",
+            "updatedAt",
+        ] {
+            projection.insert(f, 1);
+        }
+        for run in 0..=runs * 3 {
+            let t = Instant::now();
+            let mut cur = pc
+                .find(doc! { "_id": { "$in": ids.clone() } })
+                .projection(projection.clone())
+                .await?;
+            while cur.advance().await? {}
+            if run > 0 {
+                join_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        join_ms.sort_by(f64::total_cmp);
+    }
     Ok(json!({
         "model": model,
         "collection": collection,
         "batch_size": batch_size,
-        "docs": docs,
-        "bytes": bytes,
-        "runs": times.len(),
-        "p50_ms": percentile(&times, 50.0),
-        "min_ms": times.first(),
-        "max_ms": times.last(),
+        "runs": runs,
+        "ways": out,
+        "best": ways[best].0,
+        "docs": counts[best].0,
+        "bytes": counts[best].1,
+        "p50_ms": percentile(&times[best], 50.0),
+        "join_docs": join,
+        "join_p50_ms": percentile(&join_ms, 50.0),
     }))
 }
