@@ -7,20 +7,24 @@ What it does (see README "Benchmarks"):
   2. seeds one products collection of max(BENCH_SIZES) products; the 1,000-product
      catalogue is its first 1,000 products (MAX_PRODUCTS=1000, exactly what a user with
      1,000 products gets), the 10,000 one the whole collection;
-  3. per model, into its own EMBEDDINGS_COLLECTION: bare ONNX Runtime baseline
-     (bench/bare_ort.py, same file and thread count, batch 1 and MAX_BATCH_SIZE), then
-     for each catalogue size an indexing service (POST /api/v1/refresh: products/s and
-     where the time went), a bare driver cursor read of the stored vectors, and for
-     CACHE_PRODUCTS=false and true a fresh search service (release build, real process):
-     idle RSS, start to healthy, first search with the lazy model load, warm searches at
-     concurrency 1 and 10 (`bench-load load`), peak RSS (VmHWM and sampled), with
-     `search-img monitor` watching it; then the bare baseline once more;
+  3. per model, into its own EMBEDDINGS_COLLECTION, for each catalogue size: an indexing
+     service (POST /api/v1/refresh: products/s and where the time went; the 10,000 pass
+     embeds the 9,000 products the 1,000 pass left), bare driver reads of the stored
+     vectors and of 17 product documents (`bench-load cursor`), then for
+     CACHE_PRODUCTS=false and true a fresh search service (release build, real process,
+     restarted after indexing): idle RSS, start to healthy, first search with the lazy
+     model load, warm searches at concurrency 1 and 10 (`bench-load load`, a local
+     query photo), peak RSS (VmHWM and sampled), with `search-img monitor` watching it.
+     Before the largest catalogue's searches, the bare ONNX Runtime baseline
+     (bench/bare_ort.py: same file and thread count, batch 1 and MAX_BATCH_SIZE, with
+     the service's session settings and with ONNX Runtime's defaults);
   4. prints the markdown tables and writes bench/results/latest.{json,md}.
 
 Environment knobs (defaults in brackets): BENCH_MODELS [clip-vit-b32-int8,clip-vit-b32,
 efficientnet-lite0], BENCH_SIZES [1000,10000], BENCH_C1_REQUESTS [100],
-BENCH_C10_REQUESTS [100], BENCH_MAX_SECS [20] per load phase, BENCH_BARE_RUNS [20],
-MAX_BATCH_SIZE [4] (passed to the service and the bare baseline), BENCH_SERVICE_ENV
+BENCH_C10_REQUESTS [100], BENCH_MAX_SECS [10] per load phase, BENCH_BARE_RUNS [15],
+MAX_BATCH_SIZE [4] (passed to the service and the bare baseline), BENCH_WORK [bench/work],
+BENCH_RESULTS [bench/results], BENCH_SERVICE_ENV
 (extra VAR=value pairs, comma-separated, for every service: to compare settings).
 """
 
@@ -50,7 +54,7 @@ BIN = ROOT / "target/release/search-img"
 LOAD = ROOT / "target/release/bench-load"
 PY = sys.executable
 WORK = Path(os.environ.get("BENCH_WORK", ROOT / "bench/work"))
-RESULTS = ROOT / "bench/results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", ROOT / "bench/results"))
 BUDGET_MB = 512.0
 
 MODELS = [m for m in os.environ.get(
@@ -58,8 +62,8 @@ MODELS = [m for m in os.environ.get(
 SIZES = sorted(int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000").split(",") if s)
 C1 = int(os.environ.get("BENCH_C1_REQUESTS", "100"))
 C10 = int(os.environ.get("BENCH_C10_REQUESTS", "100"))
-MAX_SECS = float(os.environ.get("BENCH_MAX_SECS", "20"))
-BARE_RUNS = int(os.environ.get("BENCH_BARE_RUNS", "20"))
+MAX_SECS = float(os.environ.get("BENCH_MAX_SECS", "10"))
+BARE_RUNS = int(os.environ.get("BENCH_BARE_RUNS", "15"))
 BATCH = int(os.environ.get("MAX_BATCH_SIZE", "4"))
 IMG_SIZE = 320
 IMG_VERSION = "v1"  # bump when `bench-load images` changes what it draws
@@ -269,7 +273,7 @@ def cursor_read(uri, coll, model_key):
     """Bare reads with the Rust driver: the model's vectors (the faster of a plain read
     of the collection and a filtered, projected one) and 17 product documents by _id."""
     return run_json([LOAD, "cursor", "--uri", uri, "--db", DB, "--collection", coll,
-                     "--model", model_key, "--batch-size", 1000, "--runs", 5, "--join", 17])
+                     "--model", model_key, "--batch-size", 1000, "--runs", 3, "--join", 17])
 
 
 # --------------------------------------------------------------------------------------
@@ -399,8 +403,6 @@ def bench_model(model, uri):
     coll = "emb_" + re.sub(r"[^A-Za-z0-9]", "_", model)
     out = {"model": model, "model_mb": path.stat().st_size / 1048576, "collection": coll,
            "sizes": {}}
-    log(f"{model}: bare runtime baseline (before)")
-    out["bare_before"] = bare_pair(path)
     env = {"MODEL_PATH": str(path), "EMBEDDINGS_COLLECTION": coll}
     for size in SIZES:
         res = out["sizes"][str(size)] = {}
@@ -430,6 +432,11 @@ def bench_model(model, uri):
         log(f"{model} {size}: bare cursor read of {res['cursor']['docs']} vectors "
             f"{res['cursor']['p50_ms']:.1f} ms ({res['cursor']['best']}), bare join of 17 "
             f"products {res['cursor']['join_p50_ms']:.1f} ms")
+        if size == SIZES[-1]:
+            # Once per model, between the largest catalogue's indexing and its searches:
+            # next to the measurements the ratios compare it with.
+            log(f"{model}: bare runtime baseline")
+            out["bare"] = bare_pair(path)
         for cache in ("false", "true"):
             svc = Service(f"{model}-{size}-cache-{cache}",
                           {**env, "MAX_PRODUCTS": str(size), "CACHE_PRODUCTS": cache},
@@ -463,8 +470,6 @@ def bench_model(model, uri):
                 f"{c10['rps']:.1f}/s, peak {svc.peak_mb:.0f} MB")
             if c1["ok"] < c1["requests"] or c10["ok"] < c10["requests"]:
                 log(f"  errors: c1 {c1['statuses']} c10 {c10['statuses']}")
-    log(f"{model}: bare runtime baseline (after)")
-    out["bare_after"] = bare_pair(path)
     out["dim"] = status["model"]["dim"] if status.get("model") else None
     out["elapsed_s"] = time.monotonic() - t_model
     return out
@@ -475,18 +480,10 @@ def bench_model(model, uri):
 
 
 def bare_figures(m):
-    """Mean of the before and after medians (the machine's load drifts)."""
-    out = {}
-    for cfg in ("service_settings", "ort_defaults"):
-        a, b = m["bare_before"][cfg], m["bare_after"][cfg]
-        out[cfg] = {
-            "batch1_ms": (a["batch1_ms"] + b["batch1_ms"]) / 2,
-            "batchB_ms_per_img": (a["batchB_ms_per_img"] + b["batchB_ms_per_img"]) / 2,
-            "batch": a["batch"],
-            "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
-            "load_s": (a["load_s"] + b["load_s"]) / 2,
-        }
-    return out
+    """The bare medians, per session configuration."""
+    return {cfg: {k: a[k] for k in ("batch1_ms", "batchB_ms_per_img", "batch", "peak_rss_mb",
+                                    "load_s")}
+            for cfg, a in m["bare"].items()}
 
 
 def derive(m):
@@ -574,9 +571,10 @@ def tables(result):
                     f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('sync'))} | "
                     f"{fmt(g('rank'))} | {fmt(g('join'))} | {fmt(other)} |")
     lines.append("")
-    lines.append(f"Bare ONNX Runtime (Python, same file, {THREADS} threads; mean of the "
-                 "medians before and after the model's service runs), bare cursor read "
-                 "(Rust driver, same filter/projection/batch size), indexing:")
+    lines.append(f"Bare ONNX Runtime (Python, same file, {THREADS} threads, medians; run "
+                 "between the largest catalogue's indexing and its searches), bare cursor read "
+                 "(Rust driver, batches of 1,000: the whole collection, and filtered by model and "
+                 "status with a projection; the floor is the faster) and bare join, indexing:")
     lines.append("")
     lines.append("| model | bare batch-1 ms: service settings / ORT defaults | bare batch-"
                  f"{BATCH} ms per image | products | cursor read ms (plain / filtered) | "
