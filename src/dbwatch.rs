@@ -8,7 +8,8 @@
 //! for, a background task pings every second and health answers with the latest result
 //! at once. Only the very first call waits for a ping (bounded by MONGO_TIMEOUT_SECS). A
 //! database that goes away shows as `disconnected` within about a second when its
-//! connections are refused, or within MONGO_TIMEOUT_SECS when they hang.
+//! connections are refused, or within MONGO_TIMEOUT_SECS when they hang. Searches use the
+//! same observation to fail fast while the database is known to be down.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -56,18 +57,35 @@ impl DbWatch {
         }
     }
 
-    /// The latest observation. The first call starts the background pings and waits for
-    /// the first one; later calls never wait. An observation older than the pings can
-    /// explain (the task is stuck or gone) counts as unreachable.
-    pub async fn status(&self) -> Observation {
-        let mut rx = self
-            .latest
+    /// Starts the background pings if they are not running yet (never waits).
+    pub fn start(&self) -> watch::Receiver<Option<Observation>> {
+        self.latest
             .get_or_init(|| {
                 let (tx, rx) = watch::channel(None);
                 tokio::spawn(run(tx, self.db.clone(), self.timeout));
                 rx
             })
-            .clone();
+            .clone()
+    }
+
+    /// Why the database is unreachable, if the latest ping says so; never waits. Lets a
+    /// search answer 503 at once during an outage instead of holding its slot while the
+    /// driver waits out its server-selection timeout. Without an observation yet (or
+    /// with a good one) the search goes ahead and finds out for itself.
+    pub fn known_down(&self) -> Option<String> {
+        let rx = self.latest.get()?;
+        let latest = rx.borrow();
+        match latest.as_ref()?.result {
+            Err(ref e) => Some(e.clone()),
+            Ok(()) => None,
+        }
+    }
+
+    /// The latest observation. The first call starts the background pings and waits for
+    /// the first one; later calls never wait. An observation older than the pings can
+    /// explain (the task is stuck or gone) counts as unreachable.
+    pub async fn status(&self) -> Observation {
+        let mut rx = self.start();
         let obs = match rx.wait_for(Option::is_some).await {
             Ok(o) => o.clone().expect("waited for Some"),
             Err(_) => {

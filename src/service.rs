@@ -91,7 +91,7 @@ pub struct Inner {
     pub store: EmbeddingStore,
     pub encoder: LazyEncoder,
     pub fetcher: Fetcher,
-    /// MongoDB reachability for the health check.
+    /// MongoDB reachability for the health check, and for searches to fail fast.
     pub db_watch: DbWatch,
     /// Model runs at once (memory is per run).
     pub inference: Semaphore,
@@ -163,6 +163,7 @@ impl AppState {
     /// Start-up work that must not block serving: indexes, and the model when
     /// `LAZY_LOAD_MODEL=false`.
     pub async fn warm_up(&self) {
+        self.db_watch.start();
         if let Err(e) = self.store.ensure_indexes().await {
             tracing::warn!(error = %e, "could not create the embeddings index (will work without it)");
         }
@@ -201,6 +202,7 @@ impl AppState {
         threshold: f32,
     ) -> Result<(Vec<SearchResult>, SearchTimings), AppError> {
         let start = Instant::now();
+        self.fail_fast_if_database_down()?;
         let bytes = self.fetcher.fetch(url).await?;
         let fetch_ms = ms_since(start);
         let (results, mut timings) = self.search_bytes_timed(bytes, top_k, threshold).await?;
@@ -226,6 +228,7 @@ impl AppState {
         threshold: f32,
     ) -> Result<(Vec<SearchResult>, SearchTimings), AppError> {
         let start = Instant::now();
+        self.fail_fast_if_database_down()?;
         let encoder = self.encoder.get().await?;
         let mut tm = SearchTimings {
             load_ms: ms_since(start),
@@ -250,6 +253,16 @@ impl AppState {
         tm.join_ms = ms_since(t);
         tm.total_ms = ms_since(start);
         Ok((results, tm))
+    }
+
+    /// A search needs MongoDB (at least to read the products it returns): while the
+    /// background ping says it is down, answer 503 now rather than after the driver's
+    /// timeouts.
+    fn fail_fast_if_database_down(&self) -> Result<(), AppError> {
+        match self.db_watch.known_down() {
+            Some(reason) => Err(AppError::Database(reason)),
+            None => Ok(()),
+        }
     }
 
     async fn embed_query(
