@@ -52,19 +52,31 @@ def on(s):
     return s.lower() in ("1", "true", "on", "yes")
 
 
+# ORT_PREPACKING=auto prepacks model files up to this size: PREPACK_AUTO_MAX_BYTES in
+# src/encoder/runtime.rs (keep the two equal; bench/run.py uses this one).
+PREPACK_AUTO_MAX_BYTES = 128 * 1024 * 1024
+
+
+def prepack_auto(model_path):
+    """What the service's ORT_PREPACKING=auto resolves to for this model file."""
+    return os.path.getsize(model_path) <= PREPACK_AUTO_MAX_BYTES
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True, help=".npy [B,3,H,W] float32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--arena", default="false")
-    p.add_argument("--prepacking", default="false")
+    p.add_argument("--prepacking", default="false",
+                   help="true, false or auto (by the model file's size, as the service)")
     p.add_argument("--optimization", default="all", choices=sorted(LEVELS))
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--label")
     a = p.parse_args()
-    arena, prepacking = on(a.arena), on(a.prepacking)
+    arena = on(a.arena)
+    prepacking = prepack_auto(a.model) if a.prepacking.lower() == "auto" else on(a.prepacking)
 
     batch = np.load(a.input)
     rss_base = status_mb("VmRSS")
@@ -107,6 +119,7 @@ def main():
                 "threads": so.intra_op_num_threads,
                 "arena": arena,
                 "prepacking": prepacking,
+                "prepacking_setting": a.prepacking.lower(),
                 "optimization": a.optimization,
                 "batch": n,
                 "runs": a.runs,

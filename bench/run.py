@@ -259,12 +259,32 @@ def bare(model_path, arena, prepacking):
                      prepacking, "--runs", BARE_RUNS, "--warmup", 3])
 
 
+# ORT_PREPACKING=auto prepacks model files up to this size: PREPACK_AUTO_MAX_BYTES in
+# src/encoder/runtime.rs (a unit test there checks the two are equal).
+PREPACK_AUTO_MAX_BYTES = 128 * 1024 * 1024
+
+
+def service_prepacking(model_path, setting):
+    """ORT_PREPACKING as the service resolves it for this model file: "true"/"false"."""
+    s = setting.strip().lower()
+    if s in ("", "auto"):
+        on = os.path.getsize(model_path) <= PREPACK_AUTO_MAX_BYTES
+    elif s in ("true", "1", "yes", "on"):
+        on = True
+    elif s in ("false", "0", "no", "off"):
+        on = False
+    else:
+        raise SystemExit(f"BENCH_SERVICE_ENV: ORT_PREPACKING={setting!r}: expected auto, "
+                         "true or false")
+    return "true" if on else "false"
+
+
 def bare_pair(model_path):
     """The same model with the service's session settings (its defaults: arena on,
-    prepacking off, unless BENCH_SERVICE_ENV says otherwise) and with ONNX Runtime's own
-    defaults (arena and prepacking on)."""
+    prepacking auto, i.e. by the model file's size, unless BENCH_SERVICE_ENV says
+    otherwise) and with ONNX Runtime's own defaults (arena and prepacking on)."""
     svc = bare(model_path, EXTRA_ENV.get("ORT_MEMORY_ARENA", "true"),
-               EXTRA_ENV.get("ORT_PREPACKING", "false"))
+               service_prepacking(model_path, EXTRA_ENV.get("ORT_PREPACKING", "auto")))
     ort_defaults = bare(model_path, "true", "true")
     return {"service_settings": svc, "ort_defaults": ort_defaults}
 

@@ -16,7 +16,8 @@
 #   THREADS         intra-op threads                  (2)
 #   MAX_BATCH_SIZE  batch of the batched measurement  (4)
 #   RUNS / WARMUP   timed / untimed runs per latency  (10 / 2)
-#   VARIANTS        arena:prepacking:optimization[:mmap], each run for ours and bare
+#   VARIANTS        arena:prepacking:optimization[:mmap], each run for ours and bare;
+#                   prepacking on, off or auto (by model file size, as the service)
 #                   (off:off:all on:off:all off:on:all on:on:all off:off:all:mmap
 #                   on:off:all:mmap). The first is the service's default, on:on:all is
 #                   ONNX Runtime's own default; `:mmap` runs the process with
@@ -65,7 +66,7 @@ mkdir -p "$WORK" "$(dirname "$OUT")"
 lines=$WORK/results.jsonl
 : >"$lines"
 
-onoff() { case $1 in on | true | 1) echo true ;; *) echo false ;; esac; }
+onoff() { case $1 in on | true | 1) echo true ;; auto) echo auto ;; *) echo false ;; esac; }
 
 # run LABEL CMD...: one measurement process; its JSON line (or an error record) to $lines.
 run() {

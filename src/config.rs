@@ -61,8 +61,9 @@ pub struct Config {
     #[serde(default = "d::yes", deserialize_with = "flag")]
     pub ort_memory_arena: bool,
     /// Weight prepacking: faster matmuls for a second copy of the weights in memory.
-    #[serde(default, deserialize_with = "flag")]
-    pub ort_prepacking: bool,
+    /// `auto` (default): on for model files up to `runtime::PREPACK_AUTO_MAX_BYTES`.
+    #[serde(default, deserialize_with = "prepacking")]
+    pub ort_prepacking: Prepacking,
     /// Graph optimisation level: disable, basic, extended or all.
     #[serde(default = "d::ort_optimization")]
     pub ort_optimization: String,
@@ -149,13 +150,40 @@ fn parse_flag(s: &str) -> Result<bool, String> {
     }
 }
 
+/// ORT_PREPACKING: a flag, or `auto` to decide by the model file's size where the session
+/// is built (`SessionSettings::prepacking_for`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prepacking {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+fn prepacking<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Prepacking, D::Error> {
+    parse_prepacking(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// `auto` in any case, or anything `parse_flag` accepts. Empty means the default (`auto`),
+/// as if the variable were not set.
+fn parse_prepacking(s: &str) -> Result<Prepacking, String> {
+    let t = s.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("auto") {
+        return Ok(Prepacking::Auto);
+    }
+    match parse_flag(t) {
+        Ok(true) => Ok(Prepacking::On),
+        Ok(false) => Ok(Prepacking::Off),
+        Err(_) => Err(format!("expected auto, true or false, got {t:?}")),
+    }
+}
+
 /// The boolean variables, checked first so an error can name the variable (serde's
 /// custom errors do not carry the field).
 const FLAGS: &[&str] = &[
     "CACHE_PRODUCTS",
     "LAZY_LOAD_MODEL",
     "ORT_MEMORY_ARENA",
-    "ORT_PREPACKING",
     "ALLOW_PRIVATE_IMAGE_HOSTS",
 ];
 
@@ -287,6 +315,10 @@ impl Config {
         for (k, v) in &vars {
             if FLAGS.contains(&k.to_ascii_uppercase().as_str()) {
                 parse_flag(v).map_err(|e| anyhow::anyhow!("configuration error in {k}: {e}"))?;
+            }
+            if k.eq_ignore_ascii_case("ORT_PREPACKING") {
+                parse_prepacking(v)
+                    .map_err(|e| anyhow::anyhow!("configuration error in {k}: {e}"))?;
             }
         }
         // envy reports "missing value for field x"/"invalid value for x"; name the variable.
@@ -432,5 +464,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CACHE_PRODUCTS"), "{e}");
+    }
+
+    #[test]
+    fn prepacking_is_auto_by_default_and_takes_flags_or_auto() {
+        assert_eq!(Config::defaults().ort_prepacking, Prepacking::Auto);
+        for (v, want) in [
+            ("auto", Prepacking::Auto),
+            (" AUTO ", Prepacking::Auto),
+            ("", Prepacking::Auto),
+            ("true", Prepacking::On),
+            ("True", Prepacking::On),
+            ("1", Prepacking::On),
+            ("on", Prepacking::On),
+            ("yes", Prepacking::On),
+            ("false", Prepacking::Off),
+            ("FALSE", Prepacking::Off),
+            ("0", Prepacking::Off),
+            ("off", Prepacking::Off),
+            ("no", Prepacking::Off),
+        ] {
+            let c = with(&[("ORT_PREPACKING", v)]).unwrap();
+            assert_eq!(c.ort_prepacking, want, "{v:?}");
+        }
+        for v in ["maybe", "automatic", "2"] {
+            let e = with(&[("ORT_PREPACKING", v)]).unwrap_err().to_string();
+            assert!(
+                e.contains("ORT_PREPACKING") && e.contains("auto, true or false"),
+                "{v:?}: {e}"
+            );
+        }
     }
 }

@@ -38,9 +38,9 @@ struct Args {
     /// CPU memory arena.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     arena: bool,
-    /// Weight prepacking.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    prepacking: bool,
+    /// Weight prepacking: true, false or auto (by the model file's size, as the service).
+    #[arg(long, default_value = "false")]
+    prepacking: String,
     /// Graph optimisation level: disable, basic, extended or all.
     #[arg(long, default_value = "all")]
     optimization: String,
@@ -84,12 +84,16 @@ fn main() -> anyhow::Result<()> {
         return write_npy(out, &tensors);
     }
 
+    // ORT_OPTIMIZATION and ORT_PREPACKING parsed (and validated) exactly as the service does.
+    let cfg = search_img::config::Config::from_vars([
+        ("ORT_OPTIMIZATION".to_string(), args.optimization.clone()),
+        ("ORT_PREPACKING".to_string(), args.prepacking.clone()),
+    ])?;
+    let from_cfg = SessionSettings::from_config(&cfg);
     let settings = SessionSettings {
         intra_threads: args.threads,
         memory_arena: args.arena,
-        prepacking: args.prepacking,
-        optimization: SessionSettings::from_config(&config_with_optimization(&args.optimization)?)
-            .optimization,
+        ..from_cfg
     };
     let mut opts = EncoderOptions::new(&args.model);
     opts.session = settings.clone();
@@ -101,6 +105,7 @@ fn main() -> anyhow::Result<()> {
 
     let start = Instant::now();
     let encoder = Encoder::load(&opts)?;
+    let prepacking = encoder.prepacking();
     let load_s = start.elapsed().as_secs_f64();
     let rss_loaded = status_mb("VmRSS");
 
@@ -128,13 +133,14 @@ fn main() -> anyhow::Result<()> {
 
     let line = json!({
         "impl": "ours",
-        "label": args.label.as_deref().unwrap_or(&label(&settings, &args.optimization)),
+        "label": args.label.as_deref().unwrap_or(&label(&settings, prepacking, &args.optimization)),
         "model": model_name(&args.model),
         "model_path": args.model,
         "model_mb": std::fs::metadata(&args.model).map(|m| m.len() as f64 / 1048576.0).ok(),
         "threads": settings.threads(),
         "arena": args.arena,
-        "prepacking": args.prepacking,
+        "prepacking": prepacking,
+        "prepacking_setting": args.prepacking.trim().to_ascii_lowercase(),
         "optimization": args.optimization,
         "batch": args.batch,
         "runs": args.runs,
@@ -157,18 +163,12 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A Config whose only non-default is ORT_OPTIMIZATION, so the level is parsed (and
-/// validated) exactly as the service parses it.
-fn config_with_optimization(level: &str) -> anyhow::Result<search_img::config::Config> {
-    search_img::config::Config::from_vars([("ORT_OPTIMIZATION".to_string(), level.to_string())])
-}
-
-fn label(s: &SessionSettings, optimization: &str) -> String {
+fn label(s: &SessionSettings, prepacking: bool, optimization: &str) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     format!(
         "arena {} prepack {} opt {}",
         onoff(s.memory_arena),
-        onoff(s.prepacking),
+        onoff(prepacking),
         optimization
     )
 }

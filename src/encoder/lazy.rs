@@ -49,6 +49,7 @@ impl LazyEncoder {
                             dim = id.dim,
                             sha256 = %&id.sha256[..16],
                             load_ms = start.elapsed().as_millis() as u64,
+                            prepacking = enc.prepacking(),
                             "CLIP model loaded successfully ({})",
                             id.name
                         );

@@ -94,6 +94,8 @@ pub struct Encoder {
     input_name: String,
     output_name: String,
     runs: AtomicU64,
+    /// Weight prepacking as resolved for this model file (ORT_PREPACKING=auto).
+    prepacking: bool,
 }
 
 impl Encoder {
@@ -111,10 +113,11 @@ impl Encoder {
         }
         let preprocessing = Preprocessing::from_file(&preprocessor_path(path))?;
         let env = runtime::environment(opts.dylib.as_deref())?;
+        let prepacking = opts.session.prepacking_for_file(path);
         // Hash the file on another core while ONNX Runtime builds the session.
         let (session, sha256) = std::thread::scope(|s| {
             let hash = s.spawn(|| sha256_file(path));
-            let session = opts.session.builder(env).and_then(|mut b| {
+            let session = opts.session.builder(env, prepacking).and_then(|mut b| {
                 b.commit_from_file(path)
                     .map_err(|e| load_err(e.to_string()))
             });
@@ -141,6 +144,7 @@ impl Encoder {
             input_name,
             output_name,
             runs: AtomicU64::new(0),
+            prepacking,
         };
         if dim == 0 {
             // Dynamic output width: learn it from one run on a blank image.
@@ -154,6 +158,11 @@ impl Encoder {
 
     pub fn identity(&self) -> &ModelIdentity {
         &self.identity
+    }
+
+    /// Whether the session prepacked the weights (ORT_PREPACKING resolved for this file).
+    pub fn prepacking(&self) -> bool {
+        self.prepacking
     }
 
     pub fn preprocessing(&self) -> &Preprocessing {

@@ -8,19 +8,29 @@ use ort::environment::Environment;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
-use crate::config::Config;
+use crate::config::{Config, Prepacking};
 use crate::error::ModelError;
 
+/// `ORT_PREPACKING=auto` prepacks models whose file is at most this size. Prepacking
+/// keeps a second, repacked copy of the matmul weights: for the fp32 ViT-B/32 (351 MB
+/// file) that took peak RSS from 403-409 MB to 548-608 MB, over a 512 MB instance; for
+/// the int8 one (88 MB) it cost 11 MB (155 -> 166 MB) and made batch 1 25% faster
+/// (28.2 -> 22.1 ms); EfficientNet-Lite0 (18 MB) was the same either way. 128 MB sits
+/// between the int8 and fp32 files with room on both sides.
+pub const PREPACK_AUTO_MAX_BYTES: u64 = 128 * 1024 * 1024;
+
 /// Session options, from configuration. Defaults were chosen by measurement
-/// (see the README's memory section): no prepacking keeps peak memory of ViT-B/32 fp32
-/// well under 512 MB for a small latency cost; the arena (on) reuses activation memory,
-/// where malloc without it kept much more (see `Config::ort_memory_arena`).
+/// (see the README's memory section): prepacking only for small model files (see
+/// `PREPACK_AUTO_MAX_BYTES`) keeps peak memory of ViT-B/32 fp32 well under 512 MB and
+/// the int8 model fast; the arena (on) reuses activation memory, where malloc without it
+/// kept much more (see `Config::ort_memory_arena`).
 #[derive(Clone, Debug)]
 pub struct SessionSettings {
     /// Intra-op threads; 0 = one per available core.
     pub intra_threads: usize,
     pub memory_arena: bool,
-    pub prepacking: bool,
+    /// Resolved per model file by `prepacking_for`.
+    pub prepacking: Prepacking,
     pub optimization: GraphOptimizationLevel,
 }
 
@@ -53,7 +63,27 @@ impl SessionSettings {
         }
     }
 
-    pub(crate) fn builder(&self, env: &Environment) -> Result<SessionBuilder, ModelError> {
+    /// Whether to prepack the weights of a model file of `model_bytes` bytes.
+    pub fn prepacking_for(&self, model_bytes: u64) -> bool {
+        match self.prepacking {
+            Prepacking::On => true,
+            Prepacking::Off => false,
+            Prepacking::Auto => model_bytes <= PREPACK_AUTO_MAX_BYTES,
+        }
+    }
+
+    /// Whether to prepack the weights of the model at `path` (`auto` by its file size;
+    /// an unreadable file counts as large, and fails to load anyway).
+    pub fn prepacking_for_file(&self, path: &Path) -> bool {
+        self.prepacking_for(std::fs::metadata(path).map_or(u64::MAX, |m| m.len()))
+    }
+
+    /// A session builder; `prepacking` as resolved for the model file (`prepacking_for_file`).
+    pub(crate) fn builder(
+        &self,
+        env: &Environment,
+        prepacking: bool,
+    ) -> Result<SessionBuilder, ModelError> {
         let e = |e: ort::Error<SessionBuilder>| ModelError::Runtime(e.to_string());
         let mut b = Session::builder(env)
             .map_err(|e| ModelError::Runtime(e.to_string()))?
@@ -63,7 +93,7 @@ impl SessionSettings {
             .map_err(e)?
             .with_inter_threads(1)
             .map_err(e)?
-            .with_prepacking(self.prepacking)
+            .with_prepacking(prepacking)
             .map_err(e)?;
         if !self.memory_arena {
             b = b
@@ -134,4 +164,62 @@ pub fn dylib_candidates() -> Vec<PathBuf> {
 
 fn find_dylib() -> Option<PathBuf> {
     dylib_candidates().into_iter().find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_prepacking(p: Prepacking) -> SessionSettings {
+        SessionSettings {
+            prepacking: p,
+            ..SessionSettings::default()
+        }
+    }
+
+    #[test]
+    fn auto_prepacks_small_models_only() {
+        const MB: u64 = 1024 * 1024;
+        let auto = with_prepacking(Prepacking::Auto);
+        assert_eq!(SessionSettings::default().prepacking, Prepacking::Auto);
+        // EfficientNet-Lite0, int8 ViT-B/32: on; fp32 ViT-B/32: off.
+        assert!(auto.prepacking_for(18 * MB));
+        assert!(auto.prepacking_for(88 * MB));
+        assert!(!auto.prepacking_for(351 * MB));
+        assert!(auto.prepacking_for(PREPACK_AUTO_MAX_BYTES));
+        assert!(!auto.prepacking_for(PREPACK_AUTO_MAX_BYTES + 1));
+        // An explicit setting wins whatever the size.
+        let (on, off) = (
+            with_prepacking(Prepacking::On),
+            with_prepacking(Prepacking::Off),
+        );
+        assert!(on.prepacking_for(351 * MB) && on.prepacking_for(0));
+        assert!(!off.prepacking_for(18 * MB) && !off.prepacking_for(u64::MAX));
+    }
+
+    #[test]
+    fn auto_resolves_from_the_file_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.onnx");
+        std::fs::write(&small, [0u8; 1024]).unwrap();
+        let auto = with_prepacking(Prepacking::Auto);
+        assert!(auto.prepacking_for_file(&small));
+        // A file that is not there counts as large.
+        assert!(!auto.prepacking_for_file(&dir.path().join("missing.onnx")));
+        let big = dir.path().join("big.onnx");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(PREPACK_AUTO_MAX_BYTES + 1).unwrap(); // sparse: no disk used
+        assert!(!auto.prepacking_for_file(&big));
+    }
+
+    #[test]
+    fn the_bench_scripts_resolve_auto_with_the_same_threshold() {
+        let mb = PREPACK_AUTO_MAX_BYTES / (1024 * 1024);
+        let line = format!("PREPACK_AUTO_MAX_BYTES = {mb} * 1024 * 1024");
+        for script in ["bench/run.py", "bench/bare_ort.py"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(&line), "{script} should say `{line}`");
+        }
+    }
 }
