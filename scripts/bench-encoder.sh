@@ -23,6 +23,7 @@
 #                   ONNX Runtime's own default; `:mmap` runs the process with
 #                   MALLOC_MMAP_THRESHOLD_=$MMAP_THRESHOLD (glibc then returns large
 #                   freed blocks to the kernel instead of keeping them in its heap).
+#   SPINNING        intra-op thread spinning, true or false (true, ONNX Runtime's default)
 #   MMAP_THRESHOLD  bytes, for the :mmap variants     (131072, glibc's initial value)
 #   ROUNDS          repeats of the whole sweep        (1); the table shows, per row, the
 #                   least-contended time (min over rounds) and the highest peak RSS
@@ -43,6 +44,7 @@ RUNS=${RUNS:-10}
 WARMUP=${WARMUP:-2}
 VARIANTS=${VARIANTS:-off:off:all on:off:all off:on:all on:on:all off:off:all:mmap on:off:all:mmap}
 MMAP_THRESHOLD=${MMAP_THRESHOLD:-131072}
+SPINNING=${SPINNING:-true}
 ROUNDS=${ROUNDS:-1}
 TIMEOUT=${TIMEOUT:-180}
 BUDGET=${BUDGET:-900}
@@ -92,6 +94,7 @@ measure() {
   local path=$ROOT/models/out/$model/model.onnx input=$WORK/$model.npy
   IFS=: read -r arena prepack opt malloc <<<"$v"
   label="arena $arena, prepack $prepack, opt $opt"
+  [ "$(onoff "$SPINNING")" = true ] || label="$label, no spinning"
   local envs=()
   if [ "${malloc:-}" = mmap ]; then
     envs=(MALLOC_MMAP_THRESHOLD_="$MMAP_THRESHOLD")
@@ -105,6 +108,7 @@ measure() {
   log "round $round/$ROUNDS  $model  $label"
   local common=(--model "$path" --threads "$THREADS" --arena "$(onoff "$arena")"
     --prepacking "$(onoff "$prepack")" --optimization "$opt" --runs "$RUNS"
+    --spinning "$(onoff "$SPINNING")"
     --warmup "$WARMUP" --label "$label")
   run "ours $model $v" env "${envs[@]}" "$BIN" "${common[@]}" --images "${imgs[@]}" --batch "$BATCH"
   run "bare $model $v" env "${envs[@]}" "$PY" "$ROOT/bench/bare_ort.py" "${common[@]}" --input "$input"

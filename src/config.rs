@@ -64,6 +64,10 @@ pub struct Config {
     /// `auto` (default): on for model files up to `runtime::PREPACK_AUTO_MAX_BYTES`.
     #[serde(default, deserialize_with = "prepacking")]
     pub ort_prepacking: Prepacking,
+    /// Intra-op threads spin-wait for work between operators (ONNX Runtime's default) or
+    /// sleep at once.
+    #[serde(default = "d::yes", deserialize_with = "flag")]
+    pub ort_allow_spinning: bool,
     /// Graph optimisation level: disable, basic, extended or all.
     #[serde(default = "d::ort_optimization")]
     pub ort_optimization: String,
@@ -184,6 +188,7 @@ const FLAGS: &[&str] = &[
     "CACHE_PRODUCTS",
     "LAZY_LOAD_MODEL",
     "ORT_MEMORY_ARENA",
+    "ORT_ALLOW_SPINNING",
     "ALLOW_PRIVATE_IMAGE_HOSTS",
 ];
 
@@ -464,6 +469,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("CACHE_PRODUCTS"), "{e}");
+    }
+
+    #[test]
+    fn spinning_is_on_by_default_and_a_flag() {
+        assert!(Config::defaults().ort_allow_spinning);
+        assert!(
+            !with(&[("ORT_ALLOW_SPINNING", "off")])
+                .unwrap()
+                .ort_allow_spinning
+        );
+        let e = with(&[("ORT_ALLOW_SPINNING", "auto")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ORT_ALLOW_SPINNING"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ struct Args {
     /// Weight prepacking: true, false or auto (by the model file's size, as the service).
     #[arg(long, default_value = "false")]
     prepacking: String,
+    /// Intra-op thread spinning (ONNX Runtime's default: on).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spinning: bool,
     /// Graph optimisation level: disable, basic, extended or all.
     #[arg(long, default_value = "all")]
     optimization: String,
@@ -93,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     let settings = SessionSettings {
         intra_threads: args.threads,
         memory_arena: args.arena,
+        allow_spinning: args.spinning,
         ..from_cfg
     };
     let mut opts = EncoderOptions::new(&args.model);
@@ -141,6 +145,7 @@ fn main() -> anyhow::Result<()> {
         "arena": args.arena,
         "prepacking": prepacking,
         "prepacking_setting": args.prepacking.trim().to_ascii_lowercase(),
+        "spinning": args.spinning,
         "optimization": args.optimization,
         "batch": args.batch,
         "runs": args.runs,
@@ -166,10 +171,11 @@ fn main() -> anyhow::Result<()> {
 fn label(s: &SessionSettings, prepacking: bool, optimization: &str) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     format!(
-        "arena {} prepack {} opt {}",
+        "arena {} prepack {} opt {}{}",
         onoff(s.memory_arena),
         onoff(prepacking),
-        optimization
+        optimization,
+        if s.allow_spinning { "" } else { " no-spin" }
     )
 }
 

@@ -50,6 +50,7 @@ impl LazyEncoder {
                             sha256 = %&id.sha256[..16],
                             load_ms = start.elapsed().as_millis() as u64,
                             prepacking = enc.prepacking(),
+                            allow_spinning = self.opts.session.allow_spinning,
                             "CLIP model loaded successfully ({})",
                             id.name
                         );

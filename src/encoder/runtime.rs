@@ -31,6 +31,8 @@ pub struct SessionSettings {
     pub memory_arena: bool,
     /// Resolved per model file by `prepacking_for`.
     pub prepacking: Prepacking,
+    /// Intra-op threads spin-wait for work (ONNX Runtime's default) or sleep.
+    pub allow_spinning: bool,
     pub optimization: GraphOptimizationLevel,
 }
 
@@ -46,6 +48,7 @@ impl SessionSettings {
             intra_threads: cfg.ort_intra_threads,
             memory_arena: cfg.ort_memory_arena,
             prepacking: cfg.ort_prepacking,
+            allow_spinning: cfg.ort_allow_spinning,
             optimization: match cfg.ort_optimization.as_str() {
                 "disable" => GraphOptimizationLevel::Disable,
                 "basic" => GraphOptimizationLevel::Level1,
@@ -94,6 +97,8 @@ impl SessionSettings {
             .with_inter_threads(1)
             .map_err(e)?
             .with_prepacking(prepacking)
+            .map_err(e)?
+            .with_intra_op_spinning(self.allow_spinning)
             .map_err(e)?;
         if !self.memory_arena {
             b = b
