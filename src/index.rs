@@ -13,7 +13,7 @@ use mongodb::bson::DateTime;
 use ndarray::Array3;
 use serde::Serialize;
 
-use crate::catalog::{Catalog, ProductRef};
+use crate::catalog::ProductRef;
 use crate::encoder::{DecodeGate, Encoder};
 use crate::error::AppError;
 use crate::fetch::Fetcher;
@@ -41,7 +41,9 @@ pub struct IndexReport {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Timings {
     pub total_ms: f64,
-    /// Reading the catalogue and the stored metadata.
+    /// Reading the catalogue and the stored metadata, and planning (on the service's first
+    /// pass this overlaps loading the model, and with `CACHE_PRODUCTS=true` includes
+    /// loading the cache from the same read).
     pub plan_ms: f64,
     /// Summed over concurrent fetches.
     pub fetch_ms: f64,
@@ -52,7 +54,6 @@ pub struct Timings {
 
 /// What the indexer needs from the rest of the service.
 pub struct IndexContext<'a> {
-    pub catalog: &'a Catalog,
     pub store: &'a EmbeddingStore,
     pub encoder: Arc<Encoder>,
     pub fetcher: &'a Fetcher,
@@ -106,11 +107,18 @@ pub fn plan(
     (todo, gone, waiting)
 }
 
-/// One pass: plan, remove what is gone, embed what is missing or stale.
-pub async fn run(ctx: IndexContext<'_>) -> Result<IndexReport, AppError> {
-    let start = Instant::now();
+/// One pass: plan, remove what is gone, embed what is missing or stale. `products` (the
+/// searchable products) and `metas` (every stored embedding's metadata) are read by the
+/// caller, which started at `start`: the service reads the catalogue while the model
+/// loads, and with `CACHE_PRODUCTS=true` takes the metadata from the scan that loads its
+/// cache.
+pub async fn run(
+    ctx: IndexContext<'_>,
+    products: Vec<ProductRef>,
+    metas: HashMap<ProductId, StoredMeta>,
+    start: Instant,
+) -> Result<IndexReport, AppError> {
     let model = ctx.encoder.identity().key();
-    let (products, metas) = tokio::try_join!(ctx.catalog.searchable(), ctx.store.metas())?;
     let (todo, gone, failed_waiting) = plan(
         &products,
         &metas,

@@ -10,7 +10,7 @@ use mongodb::bson::DateTime;
 use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
-use crate::store::{raw_vector, ProductId};
+use crate::store::{raw_meta, raw_vector, ProductId, StoredMeta};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
@@ -240,14 +240,28 @@ impl VectorCache {
     }
 
     /// Loads rows from a `vectors()` cursor.
-    pub async fn load(
+    pub async fn load(&mut self, cursor: Cursor<RawDocumentBuf>) -> mongodb::error::Result<usize> {
+        self.load_with_metas(cursor, None).await
+    }
+
+    /// Loads rows from a `vectors()` cursor (only the usable vectors of the cache's model:
+    /// status ok, the model's width) and, given `metas`, records every document's
+    /// metadata in it, whatever its model or status: one read of the collection serves
+    /// both the cache and an index pass's plan.
+    pub async fn load_with_metas(
         &mut self,
         mut cursor: Cursor<RawDocumentBuf>,
+        mut metas: Option<&mut HashMap<ProductId, StoredMeta>>,
     ) -> mongodb::error::Result<usize> {
         let mut n = 0;
         let mut buf = Vec::with_capacity(self.dim);
         while cursor.advance().await? {
             let d = cursor.current();
+            if let Some(metas) = metas.as_deref_mut() {
+                if let Some((id, meta)) = raw_meta(d) {
+                    metas.insert(id, meta);
+                }
+            }
             let Some((id, bytes)) = raw_vector(d, &self.model) else {
                 continue;
             };

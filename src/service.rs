@@ -2,6 +2,7 @@
 //! A search: image bytes -> query vector -> (catalogue brought up to date) -> rank ->
 //! product documents.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use crate::error::AppError;
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::index::{self, Change, IndexContext, IndexReport};
 use crate::rank::{rank_stream, Scored, VectorCache};
-use crate::store::{EmbeddingStore, ProductId};
+use crate::store::{EmbeddingStore, ProductId, StoredMeta};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SearchResult {
@@ -424,15 +425,26 @@ impl AppState {
         &self,
         progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
     ) -> Result<IndexReport, AppError> {
-        let encoder = self.encoder.get().await?;
-        let model = encoder.identity().key();
-        if self.cache.is_some() {
-            self.ensure_cache(&model, encoder.identity().dim).await?;
-        }
+        let start = Instant::now();
+        // The catalogue read needs no model: on the first pass it runs while the model
+        // loads. With the cache on, the stored metadata comes from the scan that loads
+        // the cache when it is not loaded yet (the collection is read once, not twice).
+        let encoder = async { Ok::<_, AppError>(self.encoder.get().await?) };
+        let products = async { Ok::<_, AppError>(self.catalog.searchable().await?) };
+        let metas = async {
+            match &self.cache {
+                Some(_) => {
+                    let encoder = self.encoder.get().await?;
+                    let id = encoder.identity();
+                    self.metas_loading_cache(&id.key(), id.dim).await
+                }
+                None => Ok(self.store.metas().await?),
+            }
+        };
+        let (encoder, products, metas) = tokio::try_join!(encoder, products, metas)?;
         let changes = std::sync::Mutex::new(Vec::new());
         let on_change = |c: Change| changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
-        let report = index::run(IndexContext {
-            catalog: &self.catalog,
+        let ctx = IndexContext {
             store: &self.store,
             encoder,
             fetcher: &self.fetcher,
@@ -443,8 +455,8 @@ impl AppState {
             retry_failed_after: Duration::from_secs(self.config.retry_failed_after_secs),
             on_change: &on_change,
             progress: &*progress,
-        })
-        .await;
+        };
+        let report = index::run(ctx, products, metas, start).await;
         // Apply what was stored even if the pass failed half-way.
         if let Some(cache) = &self.cache {
             let mut guard = cache.write().await;
@@ -460,36 +472,84 @@ impl AppState {
         report
     }
 
-    /// `CACHE_PRODUCTS=true`: load the vectors on first use, and every
-    /// CACHE_SYNC_INTERVAL_SECS pick up what other instances stored or removed.
-    async fn ensure_cache(&self, model: &str, dim: usize) -> Result<(), AppError> {
+    /// `CACHE_PRODUCTS=true`: an index pass's stored metadata. When the cache does not
+    /// hold `model`'s vectors yet, from the one scan that loads them; otherwise the cache
+    /// is kept up to date as for a search (`ensure_cache`) and the metadata read alone.
+    async fn metas_loading_cache(
+        &self,
+        model: &str,
+        dim: usize,
+    ) -> Result<HashMap<ProductId, StoredMeta>, AppError> {
+        {
+            let mut synced = self.cache_synced.lock().await;
+            if !self.cache_holds(model).await {
+                let mut metas = HashMap::new();
+                self.load_cache(model, dim, Some(&mut metas)).await?;
+                *synced = Some(Instant::now());
+                return Ok(metas);
+            }
+        }
+        self.ensure_cache(model, dim).await?;
+        Ok(self.store.metas().await?)
+    }
+
+    /// Whether the cache holds `model`'s vectors.
+    async fn cache_holds(&self, model: &str) -> bool {
+        match &self.cache {
+            Some(cache) => cache
+                .read()
+                .await
+                .as_ref()
+                .is_some_and(|c| c.model == model),
+            None => false,
+        }
+    }
+
+    /// Loads `model`'s vectors into a fresh cache, replacing the old one, from one plain
+    /// scan of the collection; given `metas`, every document's metadata goes there too.
+    /// The caller holds `cache_synced`.
+    async fn load_cache(
+        &self,
+        model: &str,
+        dim: usize,
+        mut metas: Option<&mut HashMap<ProductId, StoredMeta>>,
+    ) -> Result<(), AppError> {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
+        let mut fresh = VectorCache::new(model.to_string(), dim);
+        // An upper bound from metadata (a count of the model's vectors took as long as
+        // reading half of them); `shrink` below returns what was not used.
+        let estimate = self.store.estimated_count().await? as usize;
+        fresh.reserve_exact(estimate);
+        if let Some(m) = metas.as_deref_mut() {
+            m.reserve(estimate);
+        }
+        let cursor = self
+            .store
+            .vectors(model, None, self.config.vector_batch_size)
+            .await?;
+        let n = fresh.load_with_metas(cursor, metas).await?;
+        fresh.shrink();
+        tracing::info!(
+            vectors = n,
+            bytes = fresh.heap_bytes(),
+            "product vectors cached in memory"
+        );
+        *cache.write().await = Some(fresh);
+        Ok(())
+    }
+
+    /// `CACHE_PRODUCTS=true`: load the vectors on first use, and every
+    /// CACHE_SYNC_INTERVAL_SECS pick up what other instances stored or removed.
+    async fn ensure_cache(&self, model: &str, dim: usize) -> Result<(), AppError> {
+        if self.cache.is_none() {
+            return Ok(());
+        }
         let interval = Duration::from_secs(self.config.cache_sync_interval_secs);
         let mut synced = self.cache_synced.lock().await;
-        let loaded = cache
-            .read()
-            .await
-            .as_ref()
-            .is_some_and(|c| c.model == model);
-        if !loaded {
-            let mut fresh = VectorCache::new(model.to_string(), dim);
-            // An upper bound from metadata (a count of the model's vectors took as long as
-            // reading half of them); `shrink` below returns what was not used.
-            fresh.reserve_exact(self.store.estimated_count().await? as usize);
-            let cursor = self
-                .store
-                .vectors(model, None, self.config.vector_batch_size)
-                .await?;
-            let n = fresh.load(cursor).await?;
-            fresh.shrink();
-            tracing::info!(
-                vectors = n,
-                bytes = fresh.heap_bytes(),
-                "product vectors cached in memory"
-            );
-            *cache.write().await = Some(fresh);
+        if !self.cache_holds(model).await {
+            self.load_cache(model, dim, None).await?;
             *synced = Some(Instant::now());
         } else if synced.is_none_or(|t| t.elapsed() >= interval) {
             *synced = Some(Instant::now());

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use futures::TryStreamExt;
 use mongodb::bson::{
     self, doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document, RawDocumentBuf,
 };
@@ -154,31 +153,21 @@ impl EmbeddingStore {
         self.coll.create_index(model).await.map(|_| ())
     }
 
-    /// Every stored embedding's metadata (no vectors: cheap to read).
+    /// Every stored embedding's metadata (no vectors: cheap to read), parsed from raw
+    /// documents. (With `CACHE_PRODUCTS=true` the service reads the metadata from the
+    /// same scan that loads its cache instead: `VectorCache::load_with_metas`.)
     pub async fn metas(&self) -> mongodb::error::Result<HashMap<ProductId, StoredMeta>> {
         let mut cursor = self
-            .coll
+            .raw
             .find(doc! {})
             .projection(doc! { "image_url": 1, "model": 1, "status": 1, "updated_at": 1 })
             .batch_size(5000)
             .await?;
         let mut out = HashMap::new();
-        while let Some(d) = cursor.try_next().await? {
-            let Some(id) = d.get("_id").cloned() else {
-                continue;
-            };
-            out.insert(
-                ProductId::from_bson(id),
-                StoredMeta {
-                    image_url: d.get_str("image_url").unwrap_or_default().to_string(),
-                    model: d.get_str("model").unwrap_or_default().to_string(),
-                    ok: d.get_str("status") == Ok("ok"),
-                    updated_at: d
-                        .get_datetime("updated_at")
-                        .copied()
-                        .unwrap_or(DateTime::MIN),
-                },
-            );
+        while cursor.advance().await? {
+            if let Some((id, meta)) = raw_meta(cursor.current()) {
+                out.insert(id, meta);
+            }
         }
         Ok(out)
     }
@@ -276,6 +265,18 @@ impl EmbeddingStore {
             .count_documents(doc! { "model": model, "status": status })
             .await
     }
+}
+
+/// `_id` and metadata of a raw embedding document (from `metas()` or `vectors()`).
+pub fn raw_meta(d: &bson::RawDocument) -> Option<(ProductId, StoredMeta)> {
+    let id = ProductId::from_raw(d.get("_id").ok()??)?;
+    let meta = StoredMeta {
+        image_url: d.get_str("image_url").unwrap_or_default().to_string(),
+        model: d.get_str("model").unwrap_or_default().to_string(),
+        ok: d.get_str("status").is_ok_and(|s| s == "ok"),
+        updated_at: d.get_datetime("updated_at").unwrap_or(DateTime::MIN),
+    };
+    Some((id, meta))
 }
 
 /// Reads `_id` and the vector bytes out of a raw `vectors()` document without copying;
