@@ -32,8 +32,9 @@ pub struct SearchResult {
 
 /// Where one search's time went, in milliseconds (sent as the `Server-Timing` header).
 /// `decode` and `model` include waiting for their permits; `sync` (bringing embeddings
-/// up to date) runs at the same time as they do; `rank` includes reading the vectors
-/// (from MongoDB, or loading the cache), `join` reading the product documents.
+/// up to date) runs at the same time as `load`, `decode` and `model`; `rank` includes
+/// reading the vectors (from MongoDB, or loading the cache), `join` reading the product
+/// documents.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SearchTimings {
     pub fetch_ms: Option<f64>,
@@ -230,19 +231,23 @@ impl AppState {
     ) -> Result<(Vec<SearchResult>, SearchTimings), AppError> {
         let start = Instant::now();
         self.fail_fast_if_database_down()?;
-        let encoder = self.encoder.get().await?;
-        let mut tm = SearchTimings {
-            load_ms: ms_since(start),
-            ..Default::default()
-        };
-        // Embed the query while the catalogue is brought up to date.
+        let mut tm = SearchTimings::default();
+        // Bring the catalogue up to date while the model loads (the first search: the
+        // pass reads the catalogue meanwhile) and the query is embedded.
         let sync = async {
             let t = Instant::now();
             self.sync_for_search().await.map(|()| ms_since(t))
         };
-        let ((query, decode_ms, model_ms), sync_ms) =
-            tokio::try_join!(self.embed_query(&encoder, bytes), sync)?;
-        (tm.decode_ms, tm.model_ms, tm.sync_ms) = (decode_ms, model_ms, sync_ms);
+        let query = async {
+            let encoder = self.encoder.get().await?;
+            let load_ms = ms_since(start);
+            let (query, decode_ms, model_ms) = self.embed_query(&encoder, bytes).await?;
+            Ok::<_, AppError>((encoder, load_ms, query, decode_ms, model_ms))
+        };
+        let ((encoder, load_ms, query, decode_ms, model_ms), sync_ms) =
+            tokio::try_join!(query, sync)?;
+        (tm.load_ms, tm.decode_ms, tm.model_ms, tm.sync_ms) =
+            (load_ms, decode_ms, model_ms, sync_ms);
         let model = encoder.identity().key();
         // A few spare candidates, in case products were deleted since the last pass.
         let want = top_k + top_k / 2 + 2;
