@@ -62,7 +62,8 @@ pub struct IndexContext<'a> {
     pub batch_size: usize,
     pub fetch_concurrency: usize,
     pub retry_failed_after: Duration,
-    /// Told about every stored or removed vector (the in-memory cache).
+    /// Told about every stored or removed vector, failures included (the in-memory
+    /// cache).
     pub on_change: &'a (dyn Fn(Change) + Send + Sync),
     /// Told (done, todo) as products are processed.
     pub progress: &'a (dyn Fn(usize, usize) + Send + Sync),
@@ -202,6 +203,8 @@ pub async fn run(
                             .put_failure(&p.id, &p.image_url, &model, &reason)
                             .await?;
                         report.timings.store_ms += ms(t);
+                        // Its old vector (another image or model) is no longer usable.
+                        (ctx.on_change)(Change::Removed(p.id.clone()));
                         report.failed += 1;
                         done += 1;
                     }

@@ -373,6 +373,96 @@ async fn broken_product_images_are_skipped_reported_and_retried_later() {
     assert_eq!(app.status().await["failed_products"], 1);
 }
 
+/// A cached service's first pass takes the stored metadata from the scan that loads its
+/// cache: only usable vectors of the current model go in, and what that pass changes
+/// (deleted products, new photos, images that fail now) is applied to the cache at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_changes() {
+    let app = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
+    app.state.refresh().await.unwrap();
+    let embeddings = app.state.db.collection::<Document>("product_embeddings");
+    // While no cached service runs: a product is deleted, one gets a new photo, and one
+    // holds another model's vector while its photo is now broken.
+    let products = app.products();
+    products
+        .delete_one(doc! { "_id": app.ids["Rocket model"] })
+        .await
+        .unwrap();
+    app.images
+        .put("new-cat.jpg", jpeg(&photo("motorcycle_right.png"), 90));
+    products
+        .update_one(
+            doc! { "_id": app.ids["Cat figurine"] },
+            doc! { "$set": { "productImage": app.images.url("new-cat.jpg") } },
+        )
+        .await
+        .unwrap();
+    let motorbike = app.ids["Motorbike"];
+    embeddings
+        .update_one(
+            doc! { "_id": motorbike },
+            doc! { "$set": { "model": "another-model@0000000000000000" } },
+        )
+        .await
+        .unwrap();
+    products
+        .update_one(
+            doc! { "_id": motorbike },
+            doc! { "$set": { "productImage": app.images.url("missing.png") } },
+        )
+        .await
+        .unwrap();
+
+    let mut vars = app.vars.clone();
+    vars.retain(|(k, _)| k != "CACHE_PRODUCTS");
+    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
+    // No periodic reconciling with the store: the pass alone must keep the cache right.
+    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), "3600".into()));
+    let cached =
+        search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
+            .await
+            .unwrap();
+    let names = |r: &[search_img::service::SearchResult]| -> Vec<String> {
+        r.iter()
+            .map(|x| x.product["productName"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let query = bytes::Bytes::from(photo_bytes("motorcycle_right.png"));
+    let first = cached.search_bytes(query.clone(), 50, 0.0).await.unwrap();
+    let first = names(&first);
+    assert_eq!(first[0], "Cat figurine", "the new photo: {first:?}");
+    assert!(!first.contains(&"Rocket model".to_string()), "{first:?}");
+    assert!(!first.contains(&"Motorbike".to_string()), "{first:?}");
+    assert_eq!(first.len(), CATALOGUE.len() - 2, "{first:?}");
+    assert_eq!(
+        cached.status().await.unwrap().cached_vectors,
+        CATALOGUE.len() - 2
+    );
+    let streamed = app
+        .state
+        .search_bytes(query.clone(), 50, 0.0)
+        .await
+        .unwrap();
+    assert_eq!(names(&streamed), first, "both modes agree");
+
+    // A cached product whose photo breaks leaves the cache with the pass that records it.
+    products
+        .update_one(
+            doc! { "_id": app.ids["Galaxy print"] },
+            doc! { "$set": { "productImage": app.images.url("also-missing.png") } },
+        )
+        .await
+        .unwrap();
+    let r = names(&cached.search_bytes(query.clone(), 50, 0.0).await.unwrap());
+    assert!(!r.contains(&"Galaxy print".to_string()), "{r:?}");
+    assert_eq!(
+        cached.status().await.unwrap().cached_vectors,
+        CATALOGUE.len() - 3
+    );
+    let streamed = app.state.search_bytes(query, 50, 0.0).await.unwrap();
+    assert_eq!(names(&streamed), r, "both modes agree");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_and_streamed_ranking_return_identical_results() {
     let streamed = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
