@@ -624,7 +624,10 @@ async fn two_hundred_clients_get_a_slot_or_a_quick_503_within_512_mb() {
     // the admitted requests were still waiting for their 6 s image. (Latency itself is
     // not asserted here: on a shared 2-core machine one dropped SYN costs 1 s. The
     // figures are measured by `make bench`'s overload phase and printed above.)
-    assert!(quantile(&busy_ms, 1.0) < SLOW_IMAGE.as_secs_f64() * 1e3, "{report}");
+    assert!(
+        quantile(&busy_ms, 1.0) < SLOW_IMAGE.as_secs_f64() * 1e3,
+        "{report}"
+    );
     assert!(hwm < 512 * MB, "over the 512 MB budget:\n{report}");
     // Health never failed and never stalled: each check had 10 s to answer 200.
     assert!(health_all.0 > 0, "{report}");
