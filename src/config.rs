@@ -315,8 +315,13 @@ impl Config {
     }
 
     /// Builds a config from explicit variables (tests, tools).
+    /// An empty variable counts as unset (its default), as `KEY=` lines in a `.env` or a
+    /// dashboard field left blank mean "not configured", not "false" or "0".
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
-        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(_, v)| !v.trim().is_empty())
+            .collect();
         for (k, v) in &vars {
             if FLAGS.contains(&k.to_ascii_uppercase().as_str()) {
                 parse_flag(v).map_err(|e| anyhow::anyhow!("configuration error in {k}: {e}"))?;
@@ -461,6 +466,11 @@ mod tests {
         .unwrap();
         assert!(c.cache_products && !c.lazy_load_model);
         assert_eq!(c.product_fields, vec!["a", "b"]);
+        // Empty means unset: the default, not false.
+        let c = with(&[("LAZY_LOAD_MODEL", ""), ("TOP_K", " "), ("MONGO_URI", "")]).unwrap();
+        assert!(c.lazy_load_model);
+        assert_eq!(c.top_k, 10);
+        assert!(c.require_mongo_uri().is_err());
         let e = with(&[("PORT", "eighty")]).unwrap_err().to_string();
         assert!(e.contains("PORT"), "{e}");
         let e = with(&[("TOP_K", "0")]).unwrap_err().to_string();
