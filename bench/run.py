@@ -15,6 +15,9 @@ What it does (see README "Benchmarks"):
      restarted after indexing): idle RSS, start to healthy, first search with the lazy
      model load, warm searches at concurrency 1 and 10 (`bench-load load`, a local
      query photo), peak RSS (VmHWM and sampled), with `search-img monitor` watching it.
+     For clip-vit-b32-int8 at 1,000 products (CACHE_PRODUCTS=false), that service then
+     takes the overload phase (`bench-load overload`): 200 clients searching in a loop
+     for 10 s against its default MAX_CONCURRENT_REQUESTS, a health probe beside them.
      Before the largest catalogue's searches, the bare ONNX Runtime baseline
      (bench/bare_ort.py: same file and thread count, batch 1 and MAX_BATCH_SIZE, with
      the service's session settings and with ONNX Runtime's defaults);
@@ -22,9 +25,10 @@ What it does (see README "Benchmarks"):
 
 Environment knobs (defaults in brackets): BENCH_MODELS [clip-vit-b32-int8,clip-vit-b32,
 efficientnet-lite0], BENCH_SIZES [1000,10000], BENCH_C1_REQUESTS [100],
-BENCH_C10_REQUESTS [100], BENCH_MAX_SECS [10] per load phase, BENCH_BARE_RUNS [15],
-MAX_BATCH_SIZE [4] (passed to the service and the bare baseline), BENCH_WORK [bench/work],
-BENCH_RESULTS [bench/results], BENCH_SERVICE_ENV
+BENCH_C10_REQUESTS [60] (was 100: the overload phase's time), BENCH_MAX_SECS [10] per
+load phase, BENCH_BARE_RUNS [15], BENCH_OVERLOAD_CLIENTS [200], BENCH_OVERLOAD_SECS [10]
+(0: no overload phase), MAX_BATCH_SIZE [4] (passed to the service and the bare
+baseline), BENCH_WORK [bench/work], BENCH_RESULTS [bench/results], BENCH_SERVICE_ENV
 (extra VAR=value pairs, comma-separated, for every service: to compare settings).
 """
 
@@ -61,10 +65,17 @@ MODELS = [m for m in os.environ.get(
     "BENCH_MODELS", "clip-vit-b32-int8,clip-vit-b32,efficientnet-lite0").split(",") if m]
 SIZES = sorted(int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000").split(",") if s)
 C1 = int(os.environ.get("BENCH_C1_REQUESTS", "100"))
-C10 = int(os.environ.get("BENCH_C10_REQUESTS", "100"))
+C10 = int(os.environ.get("BENCH_C10_REQUESTS", "60"))
 MAX_SECS = float(os.environ.get("BENCH_MAX_SECS", "10"))
 BARE_RUNS = int(os.environ.get("BENCH_BARE_RUNS", "15"))
 BATCH = int(os.environ.get("MAX_BATCH_SIZE", "4"))
+OVERLOAD_MODEL = "clip-vit-b32-int8"
+OVERLOAD_CLIENTS = int(os.environ.get("BENCH_OVERLOAD_CLIENTS", "200"))
+OVERLOAD_SECS = float(os.environ.get("BENCH_OVERLOAD_SECS", "10"))
+# Bounds of the overload targets: the hardening issue's 50 ms for /api/v1/health; for
+# "the rest answered 503 quickly", ours: 503 p99 within 100 ms.
+HEALTH_P99_MS = 50.0
+BUSY_P99_MS = 100.0
 IMG_SIZE = 320
 IMG_VERSION = "v1"  # bump when `bench-load images` changes what it draws
 EXTRA_ENV = dict(
@@ -95,6 +106,16 @@ def status_kb(pid, field):
     except OSError:
         return None
     return None
+
+
+def default_slots():
+    """The service's default MAX_CONCURRENT_REQUESTS, as src/config.rs sets it."""
+    text = (ROOT / "src/config.rs").read_text()
+    m = re.search(r"fn max_concurrent_requests\(\)\s*->\s*usize\s*\{\s*(\d+)\s*\}", text)
+    if not m:
+        raise SystemExit("bench/run.py: no `fn max_concurrent_requests() -> usize { N }` in "
+                         "src/config.rs: update default_slots()")
+    return int(m.group(1))
 
 
 def mb(kb):
@@ -329,6 +350,7 @@ class Service:
             **env,
         }
         self.samples = []  # (t, rss_kb)
+        self.peak_mb = self.max_sampled_mb = None  # set by freeze_peaks() or stop()
         self._stop = threading.Event()
 
     def start(self):
@@ -388,9 +410,25 @@ class Service:
                          WORK / "query.jpg", "--concurrency", concurrency, "--requests",
                          requests, "--warmup", warmup, "--max-secs", MAX_SECS])
 
-    def stop(self):
+    def freeze_peaks(self):
+        """Peak RSS so far (VmHWM, and the largest sample): what stop() reports."""
         self.peak_mb = mb(status_kb(self.pid, "VmHWM"))
         self.max_sampled_mb = mb(max((kb for _, kb in self.samples), default=None))
+
+    def overload(self, img_port):
+        """`bench-load overload` against this service: half the clients upload the query
+        photo, half search by URL for catalogue photos from the local image server."""
+        urls = [f"http://127.0.0.1:{img_port}/img/{i:05d}.jpg" for i in (3, 17, 29, 41)]
+        cmd = [LOAD, "overload", "--base", f"http://127.0.0.1:{self.port}", "--file",
+               WORK / "query.jpg", "--clients", OVERLOAD_CLIENTS, "--secs", OVERLOAD_SECS,
+               "--pid", self.pid]
+        for u in urls:
+            cmd += ["--image-url", u]
+        return run_json(cmd)
+
+    def stop(self):
+        if self.peak_mb is None:
+            self.freeze_peaks()
         self._stop.set()
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -419,7 +457,7 @@ def model_key(status):
     return f"{m['name']}@{m['sha256'][:16]}"
 
 
-def bench_model(model, uri):
+def bench_model(model, uri, img_port):
     t_model = time.monotonic()
     path = ROOT / "models/out" / model / "model.onnx"
     coll = "emb_" + re.sub(r"[^A-Za-z0-9]", "_", model)
@@ -469,6 +507,25 @@ def bench_model(model, uri):
             c1 = svc.load(1, C1, warmup=5)
             c10 = svc.load(10, C10, warmup=0)
             rss_end = svc.rss_mb()
+            if (model == OVERLOAD_MODEL and size == overload_size() and cache == "false"
+                    and OVERLOAD_SECS > 0):
+                # The table's peak RSS is the searches' above; the overload's is its own.
+                svc.freeze_peaks()
+                slots = int(EXTRA_ENV.get("MAX_CONCURRENT_REQUESTS", default_slots()))
+                log(f"{model} {size}: overload, {OVERLOAD_CLIENTS} clients for "
+                    f"{OVERLOAD_SECS:.0f} s, {slots} slots")
+                ov = svc.overload(img_port)
+                out["overload"] = {"size": size, "cache": cache, "slots": slots,
+                                   "slots_from": "from BENCH_SERVICE_ENV"
+                                   if "MAX_CONCURRENT_REQUESTS" in EXTRA_ENV else "as default",
+                                   "loadavg": os.getloadavg(), **ov}
+                h = ov["probe"]["health"]
+                log(f"{model} {size}: overload: {ov['requests']} requests, {ov['ok']} ok "
+                    f"(p50 {fmt(ov['ok_ms']['p50_ms'], 0)} ms), {ov['busy']} 503 (p99 "
+                    f"{fmt(ov['busy_ms']['p99_ms'])} ms), {ov['errors']} errors; health p99 "
+                    f"{fmt(h['p99_ms'])} ms, max {fmt(h['max_ms'])} ms, {h['failures']} "
+                    f"failed; VmHWM {fmt(ov['rss']['hwm_mb'], 0)} MB; after: "
+                    f"{ov['after']['upload']['status']} / {ov['after']['url']['status']}")
             svc.stop()
             r = res["cache_" + cache] = {
                 "health_ms": svc.health_ms,
@@ -540,6 +597,19 @@ def derive(m):
             x["cache_heap_vs_raw"] = r["cache_true"]["cache_heap"][1] / raw if raw else None
         x["search_peak_mb"] = max(r["cache_false"]["peak_rss_mb"], r["cache_true"]["peak_rss_mb"])
     return d
+
+
+def overload_size():
+    """The catalogue the overload phase runs at: 1,000 products, or the smallest run."""
+    return 1000 if 1000 in SIZES else SIZES[0]
+
+
+def overload_after_ok(ov):
+    return all(a["status"] == 200 and (a["results"] or 0) > 0 for a in ov["after"].values())
+
+
+def overload_peak(ov):
+    return max(ov["rss"]["hwm_mb"] or 0, ov["rss"]["max_sampled_mb"] or 0)
 
 
 def fmt(v, digits=1):
@@ -625,8 +695,43 @@ def tables(result):
                 f"{sh['fetch']:.0%} / {sh['decode']:.0%} / {sh['model']:.0%} / {sh['store']:.0%} | "
                 f"{fmt(x['index_model_wall_share'] and 100 * x['index_model_wall_share'], 0)}% | "
                 f"{fmt(r['index']['peak_rss_mb'], 0)} |")
+    for m in result["models"]:
+        ov = m.get("overload")
+        if not ov:
+            continue
+        h, root, r = ov["probe"]["health"], ov["probe"]["root"], ov["rss"]
+        lines.append("")
+        lines.append(
+            f"Overload ({m['model']}, {ov['clients']} clients, {ov['slots']} slots: "
+            f"MAX_CONCURRENT_REQUESTS {ov['slots_from']}; {int(ov['size']):,} products, "
+            f"CACHE_PRODUCTS={ov['cache']}; {ov['secs']:.0f} s of searches in a loop, half "
+            f"uploads, half by URL, {ov['backoff_ms']:.0f} ms back-off after a 503; load "
+            f"average {ov['loadavg'][0]:.1f} at the start):")
+        lines.append("")
+        lines.append("| requests | 200 | 503 | other errors | 503 p50 / p99 / max ms | "
+                     "admitted p50 / p99 ms | admitted req/s | peak RSS MB (VmHWM / sampled) "
+                     "| < 512 MB | search afterwards (upload / URL) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        aft = " / ".join(f"{a['status']} in {a['ms']:.0f} ms, {a['results']} results"
+                         for a in ov["after"].values())
+        lines.append(
+            f"| {ov['requests']} | {ov['ok']} | {ov['busy']} | {ov['errors']} | "
+            f"{fmt(ov['busy_ms']['p50_ms'])} / {fmt(ov['busy_ms']['p99_ms'])} / "
+            f"{fmt(ov['busy_ms']['max_ms'])} | {fmt(ov['ok_ms']['p50_ms'], 0)} / "
+            f"{fmt(ov['ok_ms']['p99_ms'], 0)} | {fmt(ov['ok_rps'])} | {fmt(r['hwm_mb'], 0)}"
+            f"{'' if r['hwm_reset'] else ' (since start)'} / {fmt(r['max_sampled_mb'], 0)} | "
+            f"{'yes' if overload_peak(ov) < BUDGET_MB else 'NO'} | {aft} |")
+        lines.append("")
+        lines.append(f"Probe meanwhile (own OS thread, a new connection per check, each path "
+                     f"every {ov['probe_every_ms']:.0f} ms):")
+        lines.append("")
+        lines.append("| path | checks | failures | p50 / p95 / p99 / max ms |")
+        lines.append("|---|---:|---:|---:|")
+        for path, p in (("/api/v1/health", h), ("/ (for comparison)", root)):
+            lines.append(f"| {path} | {p['n']} | {p['failures']} | {fmt(p['p50_ms'])} / "
+                         f"{fmt(p['p95_ms'])} / {fmt(p['p99_ms'])} / {fmt(p['max_ms'])} |")
     lines.append("")
-    lines.append("Targets (issue 4):")
+    lines.append("Targets (issue 4; overload rows: the hardening issue):")
     lines.append("")
     lines.append("| target | figure | holds |")
     lines.append("|---|---|---|")
@@ -682,6 +787,25 @@ def targets(result):
             add(f"{name}: CACHE=true RSS growth ≤ 1.1× raw vector bytes ({x['raw_vector_mb']:.1f} MB)",
                 f"{x['cache_rss_growth_mb']:.1f} MB = {g:.2f}× (heap accounting "
                 f"{fmt(x.get('cache_heap_vs_raw'), 2)}×)", g <= 1.1)
+        ov = m.get("overload")
+        if ov:
+            h = ov["probe"]["health"]
+            pre = f"{name}, overload ({ov['clients']} clients, {ov['slots']} slots)"
+            add(f"{pre}: /api/v1/health p99 ≤ {HEALTH_P99_MS:.0f} ms, none failed",
+                f"p99 {fmt(h['p99_ms'])} ms (max {fmt(h['max_ms'])} ms), {h['failures']} of "
+                f"{h['n']} failed", (h["p99_ms"] or 1e9) <= HEALTH_P99_MS and not h["failures"])
+            peak = overload_peak(ov)
+            add(f"{pre}: service peak RSS ≤ {BUDGET_MB:.0f} MB", f"{peak:.0f} MB",
+                peak <= BUDGET_MB)
+            b = ov["busy_ms"]
+            add(f"{pre}: refused quickly, 503 p99 ≤ {BUSY_P99_MS:.0f} ms",
+                f"{fmt(b['p99_ms'])} ms over {ov['busy']} 503s",
+                ov["busy"] and b["p99_ms"] <= BUSY_P99_MS)
+            add(f"{pre}: 0 errors (every request 200 or 503)",
+                f"{ov['errors']} of {ov['requests']}", ov["errors"] == 0)
+            add(f"{pre}: a normal search succeeds afterwards",
+                " / ".join(f"{k} {a['status']}" for k, a in ov["after"].items()),
+                overload_after_ok(ov))
     return out
 
 
@@ -696,7 +820,8 @@ def main():
               "settings": {"models": MODELS, "sizes": SIZES, "c1_requests": C1,
                            "c10_requests": C10, "max_secs": MAX_SECS, "bare_runs": BARE_RUNS,
                            "max_batch_size": BATCH, "threads": THREADS,
-                           "image_size": IMG_SIZE, "service_env": EXTRA_ENV}}
+                           "image_size": IMG_SIZE, "service_env": EXTRA_ENV,
+                           "overload_clients": OVERLOAD_CLIENTS, "overload_secs": OVERLOAD_SECS}}
     log(f"machine: {result['machine']['nproc']} cores, {result['machine']['cpu']}, "
         f"{result['machine']['memory_gb']} GB, load {result['machine']['loadavg_start']}")
     mongo_port = None
@@ -707,7 +832,7 @@ def main():
         seed_catalogue(uri, max(SIZES), img_port)
         result["models"] = []
         for model in MODELS:
-            m = bench_model(model, uri)
+            m = bench_model(model, uri, img_port)
             m["derived"] = derive(m)
             result["models"].append(m)
         result["mongo_peak_rss_mb"] = mb(status_kb(mongo_pid, "VmHWM"))

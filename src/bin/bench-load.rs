@@ -9,6 +9,12 @@
 //! - `serve-images`: a static file server for those photos on 127.0.0.1.
 //! - `load`: N multipart uploads to `/api/v1/search/image` at concurrency C; latency
 //!   percentiles, requests/s and the service's own `Server-Timing` split, as JSON.
+//! - `overload`: CLIENTS clients searching in a loop for SECS (half uploads, half by URL,
+//!   each backing off after a 503), with a probe on its own OS thread checking
+//!   `/api/v1/health` and `/` on a new connection every PROBE_MS each; statuses,
+//!   latencies of the 503s and of the admitted searches, the probe's latencies, the
+//!   service's peak RSS during the phase, and whether a normal search works afterwards,
+//!   as JSON.
 //! - `cursor`: how long a bare driver cursor takes to read the stored vectors of a model,
 //!   as a plain read of the whole collection and with a model/status filter and a
 //!   projection (the floor is the faster), and a bare `_id $in` read of product documents
@@ -16,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,6 +86,36 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         timeout_secs: f64,
     },
+    /// CLIENTS clients searching BASE in a loop for SECS, with a health probe beside them.
+    Overload {
+        /// The service, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        base: String,
+        /// Uploaded by half of the requests.
+        #[arg(long)]
+        file: PathBuf,
+        /// Searched by URL by the other half, in turn (repeatable).
+        #[arg(long = "image-url", required = true)]
+        image_urls: Vec<String>,
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// How long a client waits after a 503 before its next request.
+        #[arg(long, default_value_t = 50)]
+        backoff_ms: u64,
+        /// The probe checks `/api/v1/health` and `/` each this often, alternately.
+        #[arg(long, default_value_t = 50)]
+        probe_ms: u64,
+        /// The service's process: its RSS is sampled and its VmHWM reset at the start.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        /// Per-request timeout.
+        #[arg(long, default_value_t = 120.0)]
+        timeout_secs: f64,
+    },
     /// Times a bare cursor over the stored vectors of MODEL.
     Cursor {
         #[arg(long)]
@@ -132,6 +168,34 @@ fn main() -> anyhow::Result<()> {
                 requests,
                 warmup,
                 max: Duration::from_secs_f64(max_secs),
+                timeout: Duration::from_secs_f64(timeout_secs),
+            }))?;
+            println!("{out}");
+            Ok(())
+        }
+        Cmd::Overload {
+            base,
+            file,
+            image_urls,
+            clients,
+            secs,
+            backoff_ms,
+            probe_ms,
+            pid,
+            top_k,
+            timeout_secs,
+        } => {
+            let image = std::fs::read(&file).with_context(|| file.display().to_string())?;
+            let out = rt()?.block_on(overload(OverloadSpec {
+                base: base.trim_end_matches('/').to_string(),
+                image,
+                image_urls,
+                clients: clients.max(1),
+                run_for: Duration::from_secs_f64(secs),
+                backoff: Duration::from_millis(backoff_ms),
+                probe_every: Duration::from_millis(probe_ms.max(1)),
+                pid,
+                top_k,
                 timeout: Duration::from_secs_f64(timeout_secs),
             }))?;
             println!("{out}");
@@ -376,21 +440,28 @@ struct Sample {
     results: Option<usize>,
     /// The service's `Server-Timing` entries (name -> ms).
     timing: Vec<(String, f64)>,
+    /// Why there was no answer (status 0).
+    error: Option<String>,
 }
 
 const BOUNDARY: &str = "----search-img-bench-7f3a9c";
 
-async fn load(spec: LoadSpec) -> anyhow::Result<Value> {
-    let mut body = Vec::with_capacity(spec.image.len() + 256);
+/// The multipart body of an upload of `image` as the field `file`.
+fn multipart_body(image: &[u8]) -> bytes::Bytes {
+    let mut body = Vec::with_capacity(image.len() + 256);
     body.extend_from_slice(
         format!(
             "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"query.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
         )
         .as_bytes(),
     );
-    body.extend_from_slice(&spec.image);
+    body.extend_from_slice(image);
     body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
-    let body = bytes::Bytes::from(body);
+    bytes::Bytes::from(body)
+}
+
+async fn load(spec: LoadSpec) -> anyhow::Result<Value> {
+    let body = multipart_body(&spec.image);
     let client = reqwest::Client::builder()
         .timeout(spec.timeout)
         .tcp_nodelay(true)
@@ -430,17 +501,23 @@ async fn load(spec: LoadSpec) -> anyhow::Result<Value> {
 }
 
 async fn request(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Sample {
+    send(
+        client
+            .post(url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={BOUNDARY}"),
+            )
+            .body(body),
+    )
+    .await
+}
+
+/// Sends one search; its status (0: no answer), time, number of results and timings.
+async fn send(req: reqwest::RequestBuilder) -> Sample {
     let t = Instant::now();
-    let resp = client
-        .post(url)
-        .header(
-            reqwest::header::CONTENT_TYPE,
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
-        .body(body)
-        .send()
-        .await;
-    let (status, timing, text) = match resp {
+    let resp = req.send().await;
+    let (status, timing, text, error) = match resp {
         Ok(r) => {
             let status = r.status().as_u16();
             let timing = r
@@ -449,13 +526,17 @@ async fn request(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Sam
                 .and_then(|v| v.to_str().ok())
                 .map(parse_server_timing)
                 .unwrap_or_default();
-            (status, timing, r.bytes().await.ok())
+            match r.bytes().await {
+                Ok(b) => (status, timing, Some(b), None),
+                // The status line came but the body did not: not an answer.
+                Err(e) => (0, timing, None, Some(format!("{status}, then: {e:#}"))),
+            }
         }
-        Err(e) => {
-            eprintln!("request failed: {e}");
-            (0, Vec::new(), None)
-        }
+        Err(e) => (0, Vec::new(), None, Some(format!("{e:#}"))),
     };
+    if let Some(e) = &error {
+        eprintln!("request failed: {e}");
+    }
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let results = (status == 200)
         .then_some(text.as_deref())
@@ -467,6 +548,7 @@ async fn request(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Sam
         status,
         results,
         timing,
+        error,
     }
 }
 
@@ -533,6 +615,323 @@ fn summarise(spec: &LoadSpec, samples: Vec<Sample>, wall: f64) -> Value {
         "results_max": results.last(),
         "server_timing": timing,
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// Overload
+
+struct OverloadSpec {
+    base: String,
+    image: Vec<u8>,
+    image_urls: Vec<String>,
+    clients: usize,
+    run_for: Duration,
+    backoff: Duration,
+    probe_every: Duration,
+    pid: Option<u32>,
+    top_k: usize,
+    timeout: Duration,
+}
+
+/// One search of the overload: when it started and ended (s since the phase started),
+/// whether by URL, and how it went.
+struct Attempt {
+    from: f64,
+    to: f64,
+    by_url: bool,
+    sample: Sample,
+}
+
+/// One check of the probe.
+struct Check {
+    health: bool,
+    code: u16,
+    ms: f64,
+}
+
+async fn overload(spec: OverloadSpec) -> anyhow::Result<Value> {
+    let target = reqwest::Url::parse(&spec.base)?;
+    let port = target.port_or_known_default().context("--base: no port")?;
+    let host = target.host_str().context("--base: no host")?.to_string();
+    let client = reqwest::Client::builder()
+        .timeout(spec.timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(spec.clients)
+        .build()?;
+    let upload_url = format!("{}/api/v1/search/image?top_k={}", spec.base, spec.top_k);
+    let url_searches: Vec<String> = spec
+        .image_urls
+        .iter()
+        .map(|u| {
+            format!(
+                "{}/api/v1/search/url?top_k={}&image_url={}",
+                spec.base,
+                spec.top_k,
+                urlencode(u)
+            )
+        })
+        .collect();
+    let body = multipart_body(&spec.image);
+    let upload = {
+        let (client, url, body) = (client.clone(), upload_url.clone(), body.clone());
+        move || {
+            client
+                .post(&url)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    format!("multipart/form-data; boundary={BOUNDARY}"),
+                )
+                .body(body.clone())
+        }
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss_before = spec.pid.and_then(|p| proc_status_kb(p, "VmRSS"));
+    // Peak RSS of this phase alone: reset the high-water mark (Linux: 5 > clear_refs).
+    let hwm_reset = spec
+        .pid
+        .is_some_and(|p| std::fs::write(format!("/proc/{p}/clear_refs"), "5").is_ok());
+    let sampler = spec.pid.map(|pid| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut max, mut n) = (0u64, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(kb) = proc_status_kb(pid, "VmRSS") {
+                    max = max.max(kb);
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (max, n)
+        })
+    });
+    let probe = {
+        let (stop, host, every) = (stop.clone(), host.clone(), spec.probe_every);
+        std::thread::spawn(move || probe_loop(&host, port, every, &stop))
+    };
+
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..spec.clients)
+        .map(|i| {
+            let (upload, client, urls) = (upload.clone(), client.clone(), url_searches.clone());
+            let (run_for, backoff) = (spec.run_for, spec.backoff);
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                let mut n = i;
+                while start.elapsed() < run_for {
+                    let by_url = n % 2 == 0;
+                    let req = if by_url {
+                        client.post(&urls[(n / 2) % urls.len()])
+                    } else {
+                        upload()
+                    };
+                    let from = start.elapsed().as_secs_f64();
+                    let sample = send(req).await;
+                    let busy = sample.status == 503;
+                    out.push(Attempt {
+                        from,
+                        to: start.elapsed().as_secs_f64(),
+                        by_url,
+                        sample,
+                    });
+                    if busy {
+                        tokio::time::sleep(backoff).await;
+                    }
+                    n += 1;
+                }
+                out
+            })
+        })
+        .collect();
+    let mut attempts = Vec::new();
+    for t in tasks {
+        attempts.extend(t.await?);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let checks = probe.join().expect("probe thread panicked");
+    let (rss_max, rss_samples) = sampler
+        .map(|s| s.join().expect("sampler thread panicked"))
+        .unwrap_or((0, 0));
+    let hwm = spec.pid.and_then(|p| proc_status_kb(p, "VmHWM"));
+
+    // Afterwards, one normal search of each kind.
+    let mut after = serde_json::Map::new();
+    for (name, req) in [("upload", upload()), ("url", client.post(&url_searches[0]))] {
+        let s = send(req).await;
+        after.insert(
+            name.into(),
+            json!({ "status": s.status, "ms": s.ms, "results": s.results, "error": s.error }),
+        );
+    }
+
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &attempts {
+        *statuses.entry(a.sample.status.to_string()).or_default() += 1;
+    }
+    let count = |f: &dyn Fn(&Attempt) -> bool| attempts.iter().filter(|a| f(a)).count();
+    let ok = count(&|a| a.sample.status == 200);
+    let busy = count(&|a| a.sample.status == 503);
+    let ms_of = |status: u16| -> Vec<f64> {
+        attempts
+            .iter()
+            .filter(|a| a.sample.status == status)
+            .map(|a| a.sample.ms)
+            .collect()
+    };
+    let by_kind = |by_url: bool| {
+        json!({
+            "requests": count(&|a| a.by_url == by_url),
+            "ok": count(&|a| a.by_url == by_url && a.sample.status == 200),
+            "busy": count(&|a| a.by_url == by_url && a.sample.status == 503),
+        })
+    };
+    // Most admitted searches whose client-side spans overlap: each span contains the
+    // server's, so this is an upper bound on how many the service had in flight.
+    let mut edges: Vec<(f64, i32)> = attempts
+        .iter()
+        .filter(|a| a.sample.status == 200)
+        .flat_map(|a| [(a.from, 1), (a.to, -1)])
+        .collect();
+    edges.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut cur, mut max_overlap) = (0i32, 0i32);
+    for (_, d) in edges {
+        cur += d;
+        max_overlap = max_overlap.max(cur);
+    }
+    let mut timing: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for a in attempts.iter().filter(|a| a.sample.status == 200) {
+        for (k, v) in &a.sample.timing {
+            timing.entry(k.clone()).or_default().push(*v);
+        }
+    }
+    let timing: BTreeMap<String, Option<f64>> = timing
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (k, percentile(&v, 50.0))
+        })
+        .collect();
+    let errors: Vec<&str> = attempts
+        .iter()
+        .filter_map(|a| a.sample.error.as_deref())
+        .take(5)
+        .collect();
+    let probe_of = |health: bool| {
+        let sel: Vec<&Check> = checks.iter().filter(|c| c.health == health).collect();
+        let mut v = stats(sel.iter().map(|c| c.ms).collect());
+        v["failures"] = json!(sel.iter().filter(|c| c.code != 200).count());
+        v
+    };
+    let mb = |kb: Option<u64>| kb.map(|kb| kb as f64 / 1024.0);
+    Ok(json!({
+        "clients": spec.clients,
+        "secs": spec.run_for.as_secs_f64(),
+        "backoff_ms": spec.backoff.as_secs_f64() * 1e3,
+        "probe_every_ms": spec.probe_every.as_secs_f64() * 1e3,
+        "wall_s": wall,
+        "requests": attempts.len(),
+        "ok": ok,
+        "busy": busy,
+        "errors": attempts.len() - ok - busy,
+        "error_samples": errors,
+        "statuses": statuses,
+        "upload": by_kind(false),
+        "url": by_kind(true),
+        "ok_rps": ok as f64 / wall,
+        "ok_ms": stats(ms_of(200)),
+        "busy_ms": stats(ms_of(503)),
+        "ok_server_timing_p50": timing,
+        "max_admitted_overlap": max_overlap,
+        "probe": { "health": probe_of(true), "root": probe_of(false) },
+        "rss": {
+            "before_mb": mb(rss_before),
+            "max_sampled_mb": (rss_samples > 0).then(|| rss_max as f64 / 1024.0),
+            "samples": rss_samples,
+            "hwm_mb": mb(hwm),
+            "hwm_reset": hwm_reset,
+        },
+        "after": after,
+    }))
+}
+
+/// Checks `/api/v1/health` and `/` alternately, each once per `every`, on a new
+/// connection each time, until `stop`.
+fn probe_loop(host: &str, port: u16, every: Duration, stop: &AtomicBool) -> Vec<Check> {
+    let mut out = Vec::new();
+    let half = every / 2;
+    let mut next = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let health = n.is_multiple_of(2);
+        n += 1;
+        let path = if health { "/api/v1/health" } else { "/" };
+        let t = Instant::now();
+        let code = raw_get(host, port, path, Duration::from_secs(10));
+        out.push(Check {
+            health,
+            code,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        });
+        next = (next + half).max(Instant::now());
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    out
+}
+
+/// A blocking HTTP/1.1 GET on a fresh connection; the status code, or 0 on failure.
+fn raw_get(host: &str, port: u16, path: &str, timeout: Duration) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect((host, port)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_nodelay(true);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    let mut buf = Vec::new();
+    if s.read_to_end(&mut buf).is_err() {
+        return 0;
+    }
+    let head = String::from_utf8_lossy(&buf[..buf.len().min(32)]).into_owned();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Count, p50/p95/p99/max (ms) of some latencies.
+fn stats(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    json!({
+        "n": ms.len(),
+        "p50_ms": percentile(&ms, 50.0),
+        "p95_ms": percentile(&ms, 95.0),
+        "p99_ms": percentile(&ms, 99.0),
+        "max_ms": ms.last(),
+    })
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
