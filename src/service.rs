@@ -635,6 +635,8 @@ impl AppState {
         Ok(Status {
             model_loaded: encoder.is_some(),
             model: encoder.as_ref().map(|e| e.identity().clone()),
+            prepacking: encoder.as_ref().map(|e| e.prepacking()),
+            allow_spinning: self.config.ort_allow_spinning,
             model_runs: encoder.as_ref().map_or(0, |e| e.runs()),
             total_products,
             products_with_features: indexed,
@@ -650,6 +652,11 @@ impl AppState {
 pub struct Status {
     pub model_loaded: bool,
     pub model: Option<crate::encoder::ModelIdentity>,
+    /// Whether the loaded session prepacks weights (`ORT_PREPACKING=auto` decides by the
+    /// model file's size; null before the model loads).
+    pub prepacking: Option<bool>,
+    /// ONNX Runtime intra-op thread spinning (`ORT_ALLOW_SPINNING`).
+    pub allow_spinning: bool,
     /// Model runs since start (each batch counts once).
     pub model_runs: u64,
     pub total_products: u64,
