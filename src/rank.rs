@@ -87,18 +87,6 @@ impl TopK {
     }
 }
 
-/// Below this many floats in the cache (4 MB) one thread ranks faster than starting
-/// others; above it, a search's scan of the cache is memory-bound and two cores cut it
-/// nearly in half (10,000 x 512 floats: see the benchmark's rank column).
-const PARALLEL_MIN_FLOATS: usize = 1 << 20;
-
-fn parallelism(floats: usize) -> usize {
-    if floats < PARALLEL_MIN_FLOATS {
-        return 1;
-    }
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-}
-
 /// Dot product; eight independent sums so the compiler vectorises it.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -302,62 +290,17 @@ impl VectorCache {
     }
 
     pub fn rank(&self, query: &[f32], k: usize, threshold: f32) -> Vec<Scored> {
-        self.rank_with(query, k, threshold, parallelism(self.vectors.len()))
-    }
-
-    /// `rank` on `threads` threads, each over its share of the rows; the partial top-k
-    /// lists merge into the same result in any order (ties break by id).
-    pub fn rank_with(
-        &self,
-        query: &[f32],
-        k: usize,
-        threshold: f32,
-        threads: usize,
-    ) -> Vec<Scored> {
+        let mut top = TopK::new(k, threshold);
         if query.len() != self.dim || self.dim == 0 {
             return Vec::new();
         }
-        let rows = self.ids.len();
-        if threads <= 1 || rows < 2 {
-            return self.rank_rows(query, 0..rows, k, threshold).into_sorted();
-        }
-        let per = rows.div_ceil(threads);
-        let parts: Vec<TopK> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..rows)
-                .step_by(per)
-                .map(|from| {
-                    let to = (from + per).min(rows);
-                    s.spawn(move || self.rank_rows(query, from..to, k, threshold))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let mut top = TopK::new(k, threshold);
-        for s in parts.into_iter().flat_map(TopK::into_sorted) {
-            top.push(s.id, s.score);
-        }
-        top.into_sorted()
-    }
-
-    fn rank_rows(
-        &self,
-        query: &[f32],
-        rows: std::ops::Range<usize>,
-        k: usize,
-        threshold: f32,
-    ) -> TopK {
-        let mut top = TopK::new(k, threshold);
-        let vectors = &self.vectors[rows.start * self.dim..rows.end * self.dim];
-        for (i, v) in vectors.chunks_exact(self.dim).enumerate() {
+        for (row, v) in self.vectors.chunks_exact(self.dim).enumerate() {
             let score = dot(query, v);
             if top.admits(score) {
-                top.push(self.ids[rows.start + i].clone(), score);
+                top.push(self.ids[row].clone(), score);
             }
         }
-        top
+        top.into_sorted()
     }
 
     /// Bytes held by vectors, ids and index (for the memory benchmark).
@@ -419,44 +362,5 @@ mod tests {
         c.remove(&id(1));
         c.remove(&id(3));
         assert!(c.is_empty());
-    }
-
-    #[test]
-    fn parallel_rank_equals_one_thread_including_ties() {
-        let dim = 16;
-        let mut c = VectorCache::new("m".into(), dim);
-        let mut x = 12345u32;
-        for n in 0..2000u32 {
-            // Every fifth vector repeats an earlier one: exact ties at the cut.
-            let v: Vec<f32> = (0..dim)
-                .map(|j| {
-                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-                    if n % 5 == 0 {
-                        (j as f32 + 1.0) / 10.0
-                    } else {
-                        (x >> 16) as f32 / 65536.0
-                    }
-                })
-                .collect();
-            c.upsert(
-                ProductId::from_bson(mongodb::bson::Bson::String(format!("p{n}"))),
-                &v,
-                DateTime::MIN,
-            );
-        }
-        let q: Vec<f32> = (0..dim).map(|j| (j as f32 + 1.0) / 10.0).collect();
-        for k in [1, 5, 50, 700] {
-            let one = c.rank_with(&q, k, 0.0, 1);
-            assert_eq!(one.len(), k);
-            for threads in [2, 3, 4] {
-                let many = c.rank_with(&q, k, 0.0, threads);
-                let ids = |r: &[Scored]| {
-                    r.iter()
-                        .map(|s| (s.id.clone(), s.score))
-                        .collect::<Vec<_>>()
-                };
-                assert_eq!(ids(&many), ids(&one), "k {k}, {threads} threads");
-            }
-        }
     }
 }
