@@ -231,19 +231,3 @@ async fn lazy_encoder_loads_once_under_a_race_and_retries_failures() {
     let enc = broken.get().await.expect("retried after the failure");
     assert_eq!(enc.identity().name, "m");
 }
-
-/// PNG's CRC-32 (for forging a valid header).
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}

@@ -1029,20 +1029,9 @@ async fn cursor(
                 }
             }
         }
+        // The service's default PRODUCT_FIELDS, as its join projects them.
         let mut projection = Document::new();
-        for f in [
-            "_id",
-            "productName",
-            "productPrice",
-            "productImage",
-            "productCategory",
-            "productSize",
-            "productDescription",
-            "averageRating",
-            "totalRatings",
-            "createdAt",
-            "updatedAt",
-        ] {
+        for f in search_img::config::Config::defaults().product_fields {
             projection.insert(f, 1);
         }
         for run in 0..=runs * 3 {
