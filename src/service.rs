@@ -301,7 +301,7 @@ impl AppState {
     ) -> Result<Vec<Scored>, AppError> {
         match &self.cache {
             Some(cache) => {
-                self.ensure_cache(model, query.len()).await?;
+                self.cache_up_to_date(model, query.len(), false).await?;
                 let guard = cache.read().await;
                 Ok(guard
                     .as_ref()
@@ -432,21 +432,22 @@ impl AppState {
     ) -> Result<IndexReport, AppError> {
         let start = Instant::now();
         // The catalogue read needs no model: on the first pass it runs while the model
-        // loads. With the cache on, the stored metadata comes from the scan that loads
-        // the cache when it is not loaded yet (the collection is read once, not twice).
-        let encoder = async { Ok::<_, AppError>(self.encoder.get().await?) };
+        // loads. With the cache on, the stored metadata comes from the read that loads or
+        // reconciles the cache (the collection is read once, not twice).
         let products = async { Ok::<_, AppError>(self.catalog.searchable().await?) };
-        let metas = async {
-            match &self.cache {
-                Some(_) => {
-                    let encoder = self.encoder.get().await?;
-                    let id = encoder.identity();
-                    self.metas_loading_cache(&id.key(), id.dim).await
-                }
-                None => Ok(self.store.metas().await?),
+        let encoder_and_metas = async {
+            if self.cache.is_some() {
+                let encoder = self.encoder.get().await?;
+                let id = encoder.identity();
+                let metas = self.cache_up_to_date(&id.key(), id.dim, true).await?;
+                Ok((encoder, metas.unwrap_or_default()))
+            } else {
+                let encoder = async { Ok::<_, AppError>(self.encoder.get().await?) };
+                let metas = async { Ok::<_, AppError>(self.store.metas().await?) };
+                tokio::try_join!(encoder, metas)
             }
         };
-        let (encoder, products, metas) = tokio::try_join!(encoder, products, metas)?;
+        let (products, (encoder, metas)) = tokio::try_join!(products, encoder_and_metas)?;
         let changes = std::sync::Mutex::new(Vec::new());
         let on_change = |c: Change| changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
         let ctx = IndexContext {
@@ -475,27 +476,6 @@ impl AppState {
             }
         }
         report
-    }
-
-    /// `CACHE_PRODUCTS=true`: an index pass's stored metadata. When the cache does not
-    /// hold `model`'s vectors yet, from the one scan that loads them; otherwise the cache
-    /// is kept up to date as for a search (`ensure_cache`) and the metadata read alone.
-    async fn metas_loading_cache(
-        &self,
-        model: &str,
-        dim: usize,
-    ) -> Result<HashMap<ProductId, StoredMeta>, AppError> {
-        {
-            let mut synced = self.cache_synced.lock().await;
-            if !self.cache_holds(model).await {
-                let mut metas = HashMap::new();
-                self.load_cache(model, dim, Some(&mut metas)).await?;
-                *synced = Some(Instant::now());
-                return Ok(metas);
-            }
-        }
-        self.ensure_cache(model, dim).await?;
-        Ok(self.store.metas().await?)
     }
 
     /// Whether the cache holds `model`'s vectors.
@@ -545,32 +525,53 @@ impl AppState {
         Ok(())
     }
 
-    /// `CACHE_PRODUCTS=true`: load the vectors on first use, and every
-    /// CACHE_SYNC_INTERVAL_SECS pick up what other instances stored or removed.
-    async fn ensure_cache(&self, model: &str, dim: usize) -> Result<(), AppError> {
+    /// `CACHE_PRODUCTS=true`: load `model`'s vectors on first use, and every
+    /// CACHE_SYNC_INTERVAL_SECS reconcile them with the store (what other instances stored
+    /// or removed). With `want_metas` (an index pass), also returns every stored
+    /// document's metadata, taken from the same read when there is one.
+    async fn cache_up_to_date(
+        &self,
+        model: &str,
+        dim: usize,
+        want_metas: bool,
+    ) -> Result<Option<HashMap<ProductId, StoredMeta>>, AppError> {
         if self.cache.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let interval = Duration::from_secs(self.config.cache_sync_interval_secs);
         let mut synced = self.cache_synced.lock().await;
         if !self.cache_holds(model).await {
-            self.load_cache(model, dim, None).await?;
+            let mut metas = HashMap::new();
+            self.load_cache(model, dim, want_metas.then_some(&mut metas))
+                .await?;
             *synced = Some(Instant::now());
-        } else if synced.is_none_or(|t| t.elapsed() >= interval) {
-            *synced = Some(Instant::now());
-            drop(synced);
-            self.sync_cache_from_store(model).await?;
+            return Ok(want_metas.then_some(metas));
         }
-        Ok(())
+        let due = synced.is_none_or(|t| t.elapsed() >= interval);
+        if due {
+            *synced = Some(Instant::now());
+        }
+        drop(synced);
+        if !due && !want_metas {
+            return Ok(None);
+        }
+        let metas = self.store.metas().await?;
+        if due {
+            self.reconcile_cache(model, &metas).await?;
+        }
+        Ok(want_metas.then_some(metas))
     }
 
-    /// Reconciles the cache with the stored vectors by comparing update times (cheap:
-    /// metadata only), then reads just the vectors that changed.
-    async fn sync_cache_from_store(&self, model: &str) -> Result<(), AppError> {
+    /// Reconciles the cache with the stored metadata by comparing update times, then
+    /// reads just the vectors that changed.
+    async fn reconcile_cache(
+        &self,
+        model: &str,
+        metas: &HashMap<ProductId, StoredMeta>,
+    ) -> Result<(), AppError> {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
-        let metas = self.store.metas().await?;
         let (changed, gone): (Vec<ProductId>, Vec<ProductId>) = {
             let guard = cache.read().await;
             let Some(c) = guard.as_ref() else {
