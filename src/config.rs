@@ -149,7 +149,7 @@ fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 fn parse_flag(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" | "" => Ok(false),
+        "false" | "0" | "no" | "off" => Ok(false),
         other => Err(format!("expected true or false, got {other:?}")),
     }
 }
@@ -168,11 +168,11 @@ fn prepacking<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Prepacking, D::E
     parse_prepacking(&String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
-/// `auto` in any case, or anything `parse_flag` accepts. Empty means the default (`auto`),
-/// as if the variable were not set.
+/// `auto` in any case, or anything `parse_flag` accepts. (An empty value never gets
+/// here: `from_vars` treats it as unset, which means `auto`.)
 fn parse_prepacking(s: &str) -> Result<Prepacking, String> {
     let t = s.trim();
-    if t.is_empty() || t.eq_ignore_ascii_case("auto") {
+    if t.eq_ignore_ascii_case("auto") {
         return Ok(Prepacking::Auto);
     }
     match parse_flag(t) {
