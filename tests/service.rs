@@ -416,15 +416,8 @@ async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_
         .await
         .unwrap();
 
-    let mut vars = app.vars.clone();
-    vars.retain(|(k, _)| k != "CACHE_PRODUCTS");
-    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
     // No periodic reconciling with the store: the pass alone must keep the cache right.
-    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), "3600".into()));
-    let cached =
-        search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
-            .await
-            .unwrap();
+    let cached = cached_twin(&app, "3600").await;
     let names = |r: &[search_img::service::SearchResult]| -> Vec<String> {
         r.iter()
             .map(|x| x.product["productName"].as_str().unwrap().to_string())
@@ -469,16 +462,9 @@ async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_and_streamed_ranking_return_identical_results() {
     let streamed = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
-    // A second service on the same database and images, with the cache on.
-    let mut vars = streamed.vars.clone();
-    vars.retain(|(k, _)| k != "CACHE_PRODUCTS");
-    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
-    // Pick up other instances' changes before every search (default: every 30 s).
-    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), "0".into()));
-    let cached_state =
-        search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
-            .await
-            .unwrap();
+    // A second service on the same database and images, with the cache on; it picks up
+    // other instances' changes before every search (default: every 30 s).
+    let cached_state = cached_twin(&streamed, "0").await;
     let queries = [
         "chelsea.png",
         "moon.png",
@@ -641,4 +627,16 @@ async fn cors_preflight_docs_root_status_and_refresh() {
     let (code, body) = app.get("/no/such/path").await;
     assert_eq!(code, 404);
     assert!(body["detail"].is_string());
+}
+
+/// A second service on `app`'s database and images with `CACHE_PRODUCTS=true`,
+/// reconciling its cache with the store every `sync_interval_secs`.
+async fn cached_twin(app: &TestApp, sync_interval_secs: &str) -> search_img::service::AppState {
+    let mut vars = app.vars.clone();
+    vars.retain(|(k, _)| k != "CACHE_PRODUCTS" && k != "CACHE_SYNC_INTERVAL_SECS");
+    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
+    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), sync_interval_secs.into()));
+    search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
+        .await
+        .unwrap()
 }
