@@ -15,6 +15,8 @@ use mongodb::bson::{
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Cursor, Database, IndexModel};
 
+use crate::error::AppError;
+
 /// A product `_id` that can key a map. Mongoose ids are ObjectIds; anything else is kept
 /// as its BSON value with its extended-JSON text as the key.
 #[derive(Clone, Debug)]
@@ -128,6 +130,7 @@ pub fn decode_vector(floats: &[u8]) -> Vec<f32> {
 
 #[derive(Clone)]
 pub struct EmbeddingStore {
+    db: Database,
     coll: Collection<Document>,
     raw: Collection<RawDocumentBuf>,
 }
@@ -135,6 +138,7 @@ pub struct EmbeddingStore {
 impl EmbeddingStore {
     pub fn new(db: &Database, name: &str) -> Self {
         Self {
+            db: db.clone(),
             coll: db.collection(name),
             raw: db.collection(name),
         }
@@ -172,27 +176,68 @@ impl EmbeddingStore {
         Ok(out)
     }
 
-    pub async fn put_vector(
+    /// Stores a batch of vectors (`(product, image URL, vector)`) with one `update`
+    /// command of one upserted replacement per product (the document layout above).
+    /// One round trip instead of one per product, and one command for the server to log:
+    /// against SecantusDB a `replace_one` each (a retryable write) cost the server about
+    /// 7 ms of CPU per product, on the cores the model needs, and this 0.4 ms. Idempotent,
+    /// so not retried here: a failed batch fails the pass and the next pass redoes it.
+    pub async fn put_vectors(
         &self,
-        id: &ProductId,
-        image_url: &str,
+        items: &[(&ProductId, &str, &[f32])],
         model: &str,
-        vector: &[f32],
-    ) -> mongodb::error::Result<DateTime> {
+    ) -> Result<DateTime, AppError> {
         let now = DateTime::now();
-        let d = doc! {
-            "_id": id.to_bson(),
-            "image_url": image_url,
-            "model": model,
-            "dim": vector.len() as i32,
-            "vector": encode_vector(vector),
-            "status": "ok",
-            "updated_at": now,
+        if items.is_empty() {
+            return Ok(now);
+        }
+        let updates: Vec<Document> = items
+            .iter()
+            .map(|(id, image_url, vector)| {
+                doc! {
+                    "q": { "_id": id.to_bson() },
+                    "u": {
+                        "_id": id.to_bson(),
+                        "image_url": *image_url,
+                        "model": model,
+                        "dim": vector.len() as i32,
+                        "vector": encode_vector(vector),
+                        "status": "ok",
+                        "updated_at": now,
+                    },
+                    "upsert": true,
+                }
+            })
+            .collect();
+        let mut cmd = doc! {
+            "update": self.coll.name(),
+            "updates": updates,
+            "ordered": false,
         };
-        self.coll
-            .replace_one(doc! { "_id": id.to_bson() }, d)
-            .upsert(true)
-            .await?;
+        // The URI's write concern (`w=majority`...), which `run_command` does not add.
+        if let Some(wc) = self.coll.write_concern() {
+            let wc = bson::to_document(wc).map_err(|e| AppError::Internal(e.to_string()))?;
+            if !wc.is_empty() {
+                cmd.insert("writeConcern", wc);
+            }
+        }
+        let reply = self.db.run_command(cmd).await?;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            if let Some(Bson::Document(first)) = errors.first() {
+                return Err(AppError::Database(format!(
+                    "storing {} embeddings: {} failed, first: {}",
+                    items.len(),
+                    errors.len(),
+                    first.get_str("errmsg").unwrap_or("unknown error")
+                )));
+            }
+        }
+        if let Ok(wce) = reply.get_document("writeConcernError") {
+            return Err(AppError::Database(format!(
+                "storing embeddings: write concern: {}",
+                wce.get_str("errmsg").unwrap_or("unknown error")
+            )));
+        }
         Ok(now)
     }
 
