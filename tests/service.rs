@@ -640,3 +640,43 @@ async fn cached_twin(app: &TestApp, sync_interval_secs: &str) -> search_img::ser
         .await
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn products_deleted_since_the_last_pass_give_way_to_the_next_best() {
+    // No pass for an hour: the deleted products' vectors stay stored (and cached).
+    for cache in ["false", "true"] {
+        let app = TestApp::start(&[
+            ("CACHE_PRODUCTS", cache),
+            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+            ("CACHE_SYNC_INTERVAL_SECS", "3600"),
+        ])
+        .await;
+        let q = jpeg(&photo("coffee.png"), 85);
+        let (_, all) = app.search_upload(q.clone(), "top_k=50&threshold=0").await;
+        let all = all.as_array().unwrap().clone();
+        assert!(all.len() >= 6, "{all:?}");
+        for r in &all[..2] {
+            let id = r["product"]["_id"].as_str().unwrap();
+            let oid = mongodb::bson::oid::ObjectId::parse_str(id).unwrap();
+            let gone = app
+                .products()
+                .delete_one(doc! { "_id": oid })
+                .await
+                .unwrap();
+            assert_eq!(gone.deleted_count, 1);
+        }
+        let (status, three) = app.search_upload(q, "top_k=3&threshold=0").await;
+        assert_eq!(status, 200, "{three}");
+        let three = three.as_array().unwrap();
+        assert_eq!(
+            three.len(),
+            3,
+            "cache={cache}: the next best fill in: {three:?}"
+        );
+        for (i, (got, want)) in three.iter().zip(&all[2..5]).enumerate() {
+            assert_eq!(got["product"], want["product"], "cache={cache}");
+            assert_eq!(got["similarity_score"], want["similarity_score"]);
+            assert_eq!(got["rank"], i + 1);
+        }
+    }
+}
