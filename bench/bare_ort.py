@@ -71,12 +71,14 @@ def main():
     p.add_argument("--prepacking", default="false",
                    help="true, false or auto (by the model file's size, as the service)")
     p.add_argument("--spinning", default="true", help="intra-op thread spinning")
+    p.add_argument("--stop-spinning", default="false",
+                   help="end spinning when a run returns (session.force_spinning_stop)")
     p.add_argument("--optimization", default="all", choices=sorted(LEVELS))
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--label")
     a = p.parse_args()
-    arena, spinning = on(a.arena), on(a.spinning)
+    arena, spinning, stop_spinning = on(a.arena), on(a.spinning), on(a.stop_spinning)
     prepacking = prepack_auto(a.model) if a.prepacking.lower() == "auto" else on(a.prepacking)
 
     batch = np.load(a.input)
@@ -89,6 +91,7 @@ def main():
     so.enable_cpu_mem_arena = arena
     so.add_session_config_entry("session.disable_prepacking", "0" if prepacking else "1")
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
     so.log_severity_level = 3
 
     t = time.perf_counter()
@@ -115,7 +118,7 @@ def main():
                 "impl": "bare",
                 "label": a.label
                 or f"arena {onoff(arena)} prepack {onoff(prepacking)} opt {a.optimization}"
-                + ("" if spinning else " no-spin"),
+                + ("" if spinning else " no-spin") + (" spin-stop" if stop_spinning else ""),
                 "model": os.path.basename(os.path.dirname(os.path.abspath(a.model))),
                 "model_path": a.model,
                 "model_mb": os.path.getsize(a.model) / 1048576.0,
@@ -124,6 +127,7 @@ def main():
                 "prepacking": prepacking,
                 "prepacking_setting": a.prepacking.lower(),
                 "spinning": spinning,
+                "stop_spinning": stop_spinning,
                 "optimization": a.optimization,
                 "batch": n,
                 "runs": a.runs,

@@ -274,10 +274,11 @@ def bare_input():
     return path
 
 
-def bare(model_path, arena, prepacking, spinning="true"):
+def bare(model_path, arena, prepacking, spinning="true", stop_spinning="false"):
     return run_json([PY, ROOT / "bench/bare_ort.py", "--model", model_path, "--input",
                      bare_input(), "--threads", THREADS, "--arena", arena, "--prepacking",
-                     prepacking, "--spinning", spinning, "--runs", BARE_RUNS, "--warmup", 3])
+                     prepacking, "--spinning", spinning, "--stop-spinning", stop_spinning,
+                     "--runs", BARE_RUNS, "--warmup", 3])
 
 
 # ORT_PREPACKING=auto prepacks model files up to this size: PREPACK_AUTO_MAX_BYTES in
@@ -302,12 +303,13 @@ def service_prepacking(model_path, setting):
 
 def bare_pair(model_path):
     """The same model with the service's session settings (its defaults: arena on,
-    prepacking auto, i.e. by the model file's size, spinning on, unless BENCH_SERVICE_ENV
-    says otherwise) and with ONNX Runtime's own defaults (arena, prepacking and spinning
-    on)."""
+    prepacking auto, i.e. by the model file's size, spinning on but stopped after each
+    run, unless BENCH_SERVICE_ENV says otherwise) and with ONNX Runtime's own defaults
+    (arena, prepacking and spinning on, never stopped)."""
     svc = bare(model_path, EXTRA_ENV.get("ORT_MEMORY_ARENA", "true"),
                service_prepacking(model_path, EXTRA_ENV.get("ORT_PREPACKING", "auto")),
-               EXTRA_ENV.get("ORT_ALLOW_SPINNING", "true"))
+               EXTRA_ENV.get("ORT_ALLOW_SPINNING", "true"),
+               EXTRA_ENV.get("ORT_STOP_SPINNING_AFTER_RUN", "true"))
     ort_defaults = bare(model_path, "true", "true")
     return {"service_settings": svc, "ort_defaults": ort_defaults}
 

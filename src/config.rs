@@ -68,6 +68,11 @@ pub struct Config {
     /// sleep at once.
     #[serde(default = "d::yes", deserialize_with = "flag")]
     pub ort_allow_spinning: bool,
+    /// Stop the spinning as soon as a model run returns (ONNX Runtime's
+    /// `session.force_spinning_stop`): the threads spin only inside a run and leave the
+    /// cores to the search's ranking, which uses both, and to decoding and MongoDB.
+    #[serde(default = "d::yes", deserialize_with = "flag")]
+    pub ort_stop_spinning_after_run: bool,
     /// Graph optimisation level: disable, basic, extended or all.
     #[serde(default = "d::ort_optimization")]
     pub ort_optimization: String,
@@ -189,6 +194,7 @@ const FLAGS: &[&str] = &[
     "LAZY_LOAD_MODEL",
     "ORT_MEMORY_ARENA",
     "ORT_ALLOW_SPINNING",
+    "ORT_STOP_SPINNING_AFTER_RUN",
     "ALLOW_PRIVATE_IMAGE_HOSTS",
 ];
 
@@ -493,6 +499,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("ORT_ALLOW_SPINNING"), "{e}");
+    }
+
+    #[test]
+    fn spinning_stops_after_each_run_by_default() {
+        assert!(Config::defaults().ort_stop_spinning_after_run);
+        assert!(
+            !with(&[("ORT_STOP_SPINNING_AFTER_RUN", "false")])
+                .unwrap()
+                .ort_stop_spinning_after_run
+        );
+        let e = with(&[("ORT_STOP_SPINNING_AFTER_RUN", "sometimes")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ORT_STOP_SPINNING_AFTER_RUN"), "{e}");
     }
 
     #[test]

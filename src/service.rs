@@ -647,6 +647,7 @@ impl AppState {
             model: encoder.as_ref().map(|e| e.identity().clone()),
             prepacking: encoder.as_ref().map(|e| e.prepacking()),
             allow_spinning: self.config.ort_allow_spinning,
+            stop_spinning_after_run: self.config.ort_stop_spinning_after_run,
             model_runs: encoder.as_ref().map_or(0, |e| e.runs()),
             total_products,
             products_with_features: indexed,
@@ -667,6 +668,8 @@ pub struct Status {
     pub prepacking: Option<bool>,
     /// ONNX Runtime intra-op thread spinning (`ORT_ALLOW_SPINNING`).
     pub allow_spinning: bool,
+    /// Spinning ends when each model run returns (`ORT_STOP_SPINNING_AFTER_RUN`).
+    pub stop_spinning_after_run: bool,
     /// Model runs since start (each batch counts once).
     pub model_runs: u64,
     pub total_products: u64,

@@ -344,9 +344,11 @@ async fn broken_product_images_are_skipped_reported_and_retried_later() {
     );
     let status = app.status().await;
     assert_eq!(status["failed_products"], 2, "{status}");
-    // ORT_PREPACKING=auto prepacks a model file this small; spinning is on by default.
+    // ORT_PREPACKING=auto prepacks a model file this small; spinning is on by default,
+    // and stops when each run returns.
     assert_eq!(status["prepacking"], true, "{status}");
     assert_eq!(status["allow_spinning"], true, "{status}");
+    assert_eq!(status["stop_spinning_after_run"], true, "{status}");
     assert_eq!(status["products_with_features"], CATALOGUE.len());
     assert_eq!(status["total_products"], CATALOGUE.len() + 3);
     // Not retried on every search...

@@ -44,6 +44,10 @@ struct Args {
     /// Intra-op thread spinning (ONNX Runtime's default: on).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     spinning: bool,
+    /// Spinning ends when a run returns (`session.force_spinning_stop`; ONNX Runtime's
+    /// default: off, the service's: on).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    stop_spinning: bool,
     /// Graph optimisation level: disable, basic, extended or all.
     #[arg(long, default_value = "all")]
     optimization: String,
@@ -97,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         intra_threads: args.threads,
         memory_arena: args.arena,
         allow_spinning: args.spinning,
+        stop_spinning_after_run: args.stop_spinning,
         ..from_cfg
     };
     let mut opts = EncoderOptions::new(&args.model);
@@ -146,6 +151,7 @@ fn main() -> anyhow::Result<()> {
         "prepacking": prepacking,
         "prepacking_setting": args.prepacking.trim().to_ascii_lowercase(),
         "spinning": args.spinning,
+        "stop_spinning": args.stop_spinning,
         "optimization": args.optimization,
         "batch": args.batch,
         "runs": args.runs,
@@ -171,11 +177,16 @@ fn main() -> anyhow::Result<()> {
 fn label(s: &SessionSettings, prepacking: bool, optimization: &str) -> String {
     let onoff = |b: bool| if b { "on" } else { "off" };
     format!(
-        "arena {} prepack {} opt {}{}",
+        "arena {} prepack {} opt {}{}{}",
         onoff(s.memory_arena),
         onoff(prepacking),
         optimization,
-        if s.allow_spinning { "" } else { " no-spin" }
+        if s.allow_spinning { "" } else { " no-spin" },
+        if s.stop_spinning_after_run {
+            " spin-stop"
+        } else {
+            ""
+        }
     )
 }
 

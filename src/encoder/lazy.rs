@@ -51,6 +51,7 @@ impl LazyEncoder {
                             load_ms = start.elapsed().as_millis() as u64,
                             prepacking = enc.prepacking(),
                             allow_spinning = self.opts.session.allow_spinning,
+                            stop_spinning_after_run = self.opts.session.stop_spinning_after_run,
                             "CLIP model loaded successfully ({})",
                             id.name
                         );

@@ -33,6 +33,8 @@ pub struct SessionSettings {
     pub prepacking: Prepacking,
     /// Intra-op threads spin-wait for work (ONNX Runtime's default) or sleep.
     pub allow_spinning: bool,
+    /// Spinning ends when a run returns (`session.force_spinning_stop`).
+    pub stop_spinning_after_run: bool,
     pub optimization: GraphOptimizationLevel,
 }
 
@@ -49,6 +51,7 @@ impl SessionSettings {
             memory_arena: cfg.ort_memory_arena,
             prepacking: cfg.ort_prepacking,
             allow_spinning: cfg.ort_allow_spinning,
+            stop_spinning_after_run: cfg.ort_stop_spinning_after_run,
             optimization: match cfg.ort_optimization.as_str() {
                 "disable" => GraphOptimizationLevel::Disable,
                 "basic" => GraphOptimizationLevel::Level1,
@@ -99,6 +102,15 @@ impl SessionSettings {
             .with_prepacking(prepacking)
             .map_err(e)?
             .with_intra_op_spinning(self.allow_spinning)
+            .map_err(e)?
+            .with_config_entry(
+                "session.force_spinning_stop",
+                if self.stop_spinning_after_run {
+                    "1"
+                } else {
+                    "0"
+                },
+            )
             .map_err(e)?;
         if !self.memory_arena {
             b = b
