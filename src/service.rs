@@ -472,6 +472,8 @@ impl AppState {
             progress: &*progress,
         };
         let report = index::run(ctx, products, metas, start).await;
+        // The pass's catalogue, metadata map and image buffers are freed now.
+        crate::rank::release_freed_memory();
         // Apply what was stored even if the pass failed half-way.
         if let Some(cache) = &self.cache {
             let mut guard = cache.write().await;
@@ -525,6 +527,7 @@ impl AppState {
             .await?;
         let n = fresh.load_with_metas(cursor, metas).await?;
         fresh.shrink();
+        crate::rank::release_freed_memory();
         tracing::info!(
             vectors = n,
             bytes = fresh.heap_bytes(),
