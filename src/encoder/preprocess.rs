@@ -1,12 +1,13 @@
 //! Bytes -> decoded RGB image -> normalised CHW tensor, as a model's
 //! HF-style `preprocessor_config.json` says.
 
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::path::Path;
 
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
-use ndarray::{Array3, ArrayViewMut3};
+use ndarray::Array3;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -146,31 +147,38 @@ impl Preprocessing {
         }
     }
 
-    /// Decoded image -> [3, H, W] float tensor.
+    /// Decoded image -> [3, H, W] float tensor. Filled plane by plane straight from the
+    /// resized image's crop window: no zeroed buffer, no copy of the crop, no indexed
+    /// writes (the fill and crop copy had been 3% of an EfficientNet-Lite0 indexing
+    /// pass's CPU, as much as decoding the JPEG).
     pub fn to_tensor(&self, img: &RgbImage) -> Array3<f32> {
-        let (h, w) = self.output_hw();
-        let mut out = Array3::<f32>::zeros((3, h as usize, w as usize));
-        self.write_tensor(img, out.view_mut());
-        out
-    }
-
-    /// Like `to_tensor`, writing into a slot of a batch.
-    pub fn write_tensor(&self, img: &RgbImage, mut out: ArrayViewMut3<f32>) {
-        let resized = self.resize_and_crop(img);
+        let (oh, ow) = self.output_hw();
+        let (src, left, top) = self.resize_and_crop(img);
         let scale = self.rescale_factor;
         let (mean, std) = if self.do_normalize {
             (self.mean, self.std)
         } else {
             ([0.0; 3], [1.0; 3])
         };
-        for (x, y, px) in resized.enumerate_pixels() {
-            for c in 0..3 {
-                out[[c, y as usize, x as usize]] = (px[c] as f32 * scale - mean[c]) / std[c];
+        let (sw, ow, oh) = (src.width() as usize, ow as usize, oh as usize);
+        let raw = src.as_raw();
+        let mut data = Vec::with_capacity(3 * oh * ow);
+        for c in 0..3 {
+            for y in top as usize..top as usize + oh {
+                let start = (y * sw + left as usize) * 3;
+                let row = &raw[start..start + ow * 3];
+                data.extend(
+                    row.chunks_exact(3)
+                        .map(|px| (px[c] as f32 * scale - mean[c]) / std[c]),
+                );
             }
         }
+        Array3::from_shape_vec((3, oh, ow), data).expect("3 x height x width values")
     }
 
-    fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+    /// The resized image and the top-left corner of the output window in it (the centre
+    /// crop, or the whole image).
+    fn resize_and_crop<'a>(&self, img: &'a RgbImage) -> (Cow<'a, RgbImage>, u32, u32) {
         let (oh, ow) = self.output_hw();
         let (w, h) = img.dimensions();
         let resized = if self.do_resize {
@@ -183,31 +191,31 @@ impl Preprocessing {
                 ((s * w as u64 / h as u64).max(1), s)
             };
             if nw * nh > MAX_RESIZE_OVERSHOOT * ow as u64 * oh as u64 {
-                return self.resize_extreme(img, nw, nh);
+                return (Cow::Owned(self.resize_extreme(img, nw, nh)), 0, 0);
             }
             if (nw as u32, nh as u32) == (w, h) {
-                img.clone()
+                Cow::Borrowed(img)
             } else {
-                resize(img, nw as u32, nh as u32, self.resample)
+                Cow::Owned(resize(img, nw as u32, nh as u32, self.resample))
             }
         } else {
-            img.clone()
+            Cow::Borrowed(img)
         };
         if !self.do_center_crop {
             return if resized.dimensions() == (ow, oh) {
-                resized
+                (resized, 0, 0)
             } else {
-                resize(&resized, ow, oh, self.resample)
+                (Cow::Owned(resize(&resized, ow, oh, self.resample)), 0, 0)
             };
         }
         let (rw, rh) = resized.dimensions();
         if rw < ow || rh < oh {
             // Smaller than the crop: the reference pads; scaling up is the closer fit for photos.
-            return resize(&resized, ow, oh, self.resample);
+            return (Cow::Owned(resize(&resized, ow, oh, self.resample)), 0, 0);
         }
         let left = round_half_even((rw - ow) as f64 / 2.0);
         let top = round_half_even((rh - oh) as f64 / 2.0);
-        image::imageops::crop_imm(&resized, left, top, ow, oh).to_image()
+        (resized, left, top)
     }
 }
 
@@ -428,6 +436,42 @@ mod tests {
         assert_eq!(round_half_even(2.5), 2);
         assert_eq!(round_half_even(3.0), 3);
         assert_eq!(round_half_even(3.4), 3);
+    }
+
+    #[test]
+    fn tensor_equals_crop_then_per_pixel_normalisation() {
+        let json = r#"{"size": 224, "crop_size": 224, "image_mean": [0.48, 0.45, 0.40],
+            "image_std": [0.26, 0.26, 0.27], "resample": 3}"#;
+        let crop = Preprocessing::from_json(json).unwrap();
+        let no_crop = Preprocessing {
+            do_center_crop: false,
+            ..crop.clone()
+        };
+        // Landscape, portrait, already square at the size, smaller than the crop.
+        for (w, h) in [(320, 240), (181, 403), (224, 224), (100, 150)] {
+            let img = RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 7 + y) as u8, (x ^ y) as u8, (y * 3) as u8])
+            });
+            for p in [&crop, &no_crop] {
+                // The straightforward way: copy the crop out, then index every value.
+                let (resized, left, top) = p.resize_and_crop(&img);
+                let (oh, ow) = p.output_hw();
+                let window = image::imageops::crop_imm(&*resized, left, top, ow, oh).to_image();
+                let mut want = Array3::<f32>::zeros((3, oh as usize, ow as usize));
+                for (x, y, px) in window.enumerate_pixels() {
+                    for c in 0..3 {
+                        want[[c, y as usize, x as usize]] =
+                            (px[c] as f32 * p.rescale_factor - p.mean[c]) / p.std[c];
+                    }
+                }
+                let got = p.to_tensor(&img);
+                assert_eq!(got.shape(), &[3, oh as usize, ow as usize]);
+                assert!(got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
     }
 
     #[test]
