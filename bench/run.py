@@ -121,6 +121,16 @@ def default_slots():
     return int(m.group(1))
 
 
+def cpu_s(pid):
+    """User + system CPU seconds of a process so far (/proc/PID/stat), all its threads."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mb(kb):
     return None if kb is None else kb / 1024.0
 
@@ -462,7 +472,9 @@ def model_key(status):
     return f"{m['name']}@{m['sha256'][:16]}"
 
 
-def bench_model(model, uri, img_port):
+def bench_model(model, uri, img_port, neighbours):
+    """`neighbours`: name -> pid of the other processes on these cores (the database and
+    the image server), whose CPU an indexing pass also costs."""
     t_model = time.monotonic()
     path = ROOT / "models/out" / model / "model.onnx"
     coll = "emb_" + re.sub(r"[^A-Za-z0-9]", "_", model)
@@ -474,9 +486,12 @@ def bench_model(model, uri, img_port):
         # Indexing: a service whose only job is POST /refresh.
         svc = Service(f"{model}-{size}-index", {**env, "MAX_PRODUCTS": str(size)}, uri).start()
         log(f"{model} {size}: indexing (healthy in {svc.health_ms:.0f} ms)")
+        procs = {"service": svc.pid, **neighbours}
+        cpu0 = {k: cpu_s(pid) for k, pid in procs.items()}
         t = time.monotonic()
         code, report = http_json("POST", svc.port, "/api/v1/refresh", timeout=7200)
         wall = time.monotonic() - t
+        cpu1 = {k: cpu_s(pid) for k, pid in procs.items()}
         assert code == 200, report
         _, status = http_json("GET", svc.port, "/api/v1/status")
         svc.stop()
@@ -490,6 +505,13 @@ def bench_model(model, uri, img_port):
             "peak_rss_mb": svc.peak_mb,
             "max_sampled_rss_mb": svc.max_sampled_mb,
             "model_load_ms": svc.model_load_ms,
+            # CPU ms per embedded product over the pass (the service's includes its lazy
+            # model load), and the cores' time per product: their sum's ceiling.
+            "cpu_ms_per_product": {
+                k: (cpu1[k] - cpu0[k]) * 1e3 / report["embedded"]
+                for k in procs if report["embedded"] and None not in (cpu0[k], cpu1[k])},
+            "cores_ms_per_product": (os.cpu_count() or 1) * wall * 1e3 / report["embedded"]
+            if report["embedded"] else None,
         }
         log(f"{model} {size}: embedded {report['embedded']} at "
             f"{res['index']['products_per_s'] or 0:.1f}/s, peak {svc.peak_mb:.0f} MB")
@@ -565,8 +587,8 @@ def bench_model(model, uri, img_port):
 
 def bare_figures(m):
     """The bare medians, per session configuration."""
-    return {cfg: {k: a[k] for k in ("batch1_ms", "batchB_ms_per_img", "batch", "peak_rss_mb",
-                                    "load_s")}
+    return {cfg: {k: a.get(k) for k in ("batch1_ms", "batchB_ms_per_img", "batchB_cpu_ms_per_img",
+                                        "batch", "peak_rss_mb", "load_s")}
             for cfg, a in m["bare"].items()}
 
 
@@ -700,6 +722,32 @@ def tables(result):
                 f"{sh['fetch']:.0%} / {sh['decode']:.0%} / {sh['model']:.0%} / {sh['store']:.0%} | "
                 f"{fmt(x['index_model_wall_share'] and 100 * x['index_model_wall_share'], 0)}% | "
                 f"{fmt(r['index']['peak_rss_mb'], 0)} |")
+    ncores = result["machine"]["nproc"]
+    lines.append("")
+    lines.append(f"Indexing CPU per embedded product (ms, /proc/PID/stat over the pass; the "
+                 f"service's includes its lazy model load). {ncores} cores give the pass "
+                 f"{ncores} × wall / products; at 0.8× the bare batch-{BATCH} throughput they "
+                 f"give {ncores} × bare ms per image / 0.8, of which the bare model itself "
+                 "takes its CPU per image (service settings, all its threads):")
+    lines.append("")
+    lines.append("| model | products | service | SecantusDB | image server | sum | cores' ms "
+                 "per product | bare model CPU per image | at 0.8× bare: cores' ms / left "
+                 "beside the bare model |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for m in result["models"]:
+        b = m["derived"]["bare"]["service_settings"]
+        bare_cpu = b.get("batchB_cpu_ms_per_img")
+        budget = ncores * b["batchB_ms_per_img"] / 0.8
+        for size, r in m["sizes"].items():
+            c = r["index"].get("cpu_ms_per_product") or {}
+            parts = [c.get(k) for k in ("service", "SecantusDB", "image server")]
+            total = sum(parts) if None not in parts else None
+            lines.append(
+                f"| {m['model']} | {int(size):,} | "
+                + " | ".join(fmt(v, 2) for v in parts)
+                + f" | {fmt(total, 2)} | {fmt(r['index'].get('cores_ms_per_product'), 2)} | "
+                f"{fmt(bare_cpu, 2)} | {fmt(budget, 2)} / "
+                f"{fmt(bare_cpu and budget - bare_cpu, 2)} |")
     for m in result["models"]:
         ov = m.get("overload")
         if not ov:
@@ -833,11 +881,12 @@ def main():
     try:
         mongo_port, uri, mongo_pid = start_mongo()
         images = make_photos(max(SIZES))
-        img_port, _ = serve_photos(images)
+        img_port, img_proc = serve_photos(images)
         seed_catalogue(uri, max(SIZES), img_port)
         result["models"] = []
         for model in MODELS:
-            m = bench_model(model, uri, img_port)
+            m = bench_model(model, uri, img_port,
+                            {"SecantusDB": mongo_pid, "image server": img_proc.pid})
             m["derived"] = derive(m)
             result["models"].append(m)
         result["mongo_peak_rss_mb"] = mb(status_kb(mongo_pid, "VmHWM"))
