@@ -1215,3 +1215,73 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
     });
     assert_eq!(usable.len(), N);
 }
+
+/// `search-img monitor --pid P --count N` against a running service, then a dead one.
+async fn monitor(base: &str, pid: u32, count: u64) -> (std::process::ExitStatus, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_search-img"))
+            .args(["monitor", "--url", base, "--pid", &pid.to_string()])
+            .args(["--interval", "1", "--count", &count.to_string()])
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("monitor did not stop by itself")
+    .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_exit() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mongo = MongoServer::start().await;
+    let mut svc = Service::serve(&vars_with(test_vars(&mongo, &[]), &[])).await;
+
+    let (status, out) = monitor(&svc.base, svc.pid, 2).await;
+    assert!(status.success(), "{status}\n{out}");
+    assert!(
+        out.contains(&format!("monitoring pid {}", svc.pid)),
+        "{out}"
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("rss")).collect();
+    assert_eq!(lines.len(), 2, "one line per interval, then stop:\n{out}");
+    let hwm_mb = svc.proc_status_bytes("VmHWM") as f64 / MB as f64;
+    for line in &lines {
+        // "rss    12.6 MB ( 2.5% of budget)  peak    13.0 MB  ok  health 200 in 1 ms"
+        let rss: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        // Printed to 0.1 MB: at most the later VmHWM once rounded.
+        assert!(
+            rss > 1.0 && rss <= hwm_mb + 0.05,
+            "{line} (VmHWM {hwm_mb:.2} MB)"
+        );
+        let pct: f64 = line
+            .split('(')
+            .nth(1)
+            .unwrap()
+            .split('%')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            (pct - rss / 512.0 * 100.0).abs() < 0.1,
+            "{line}: share of 512 MB"
+        );
+        assert!(line.contains("  ok  health 200 in "), "{line}");
+    }
+
+    svc.kill9().await;
+    let (status, out) = monitor(&svc.base, svc.pid, 0).await;
+    assert!(status.success(), "{status}\n{out}");
+    assert!(
+        out.contains(&format!("process {} has exited", svc.pid)),
+        "{out}"
+    );
+}
