@@ -1,5 +1,5 @@
 //! The real `search-img` binary as a process: overload and memory, slow clients,
-//! SIGKILL in the middle of indexing, SIGTERM with a request in flight.
+//! SIGKILL in the middle of indexing, SIGTERM with a request in flight, the monitor.
 //!
 //! Each test starts its own SecantusDB, image server on 127.0.0.1 and service process on
 //! a free port; the service dies with the test binary (parent-death signal) and on drop.
