@@ -19,6 +19,7 @@ use common::images::ImageServer;
 use common::mongo::MongoServer;
 use common::*;
 use mongodb::bson::{doc, Document};
+use search_img::monitor::BUDGET_MB;
 use serde_json::Value;
 
 /// Sets the parent-death signal, then becomes the service (same pid), so the service
@@ -1260,19 +1261,11 @@ async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_ex
             rss > 1.0 && rss <= hwm_mb + 0.05,
             "{line} (VmHWM {hwm_mb:.2} MB)"
         );
-        let pct: f64 = line
-            .split('(')
-            .nth(1)
-            .unwrap()
-            .split('%')
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pct = line.split_once('(').and_then(|(_, t)| t.split_once('%'));
+        let pct: f64 = pct.unwrap().0.trim().parse().unwrap();
         assert!(
-            (pct - rss / 512.0 * 100.0).abs() < 0.1,
-            "{line}: share of 512 MB"
+            (pct - rss / BUDGET_MB * 100.0).abs() < 0.1,
+            "{line}: share of {BUDGET_MB} MB"
         );
         assert!(line.contains("  ok  health 200 in "), "{line}");
     }
