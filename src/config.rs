@@ -100,6 +100,17 @@ pub struct Config {
     /// Grace period for requests in flight on SIGTERM (seconds).
     #[serde(default = "d::shutdown_grace_secs")]
     pub shutdown_grace_secs: u64,
+    /// Bytes of request bodies held in memory at once, over every request still sending
+    /// or being handled; past it a body is refused with 503 (bodies are read in full
+    /// before a request takes a slot, so this bounds what slow uploads can hold).
+    #[serde(default = "d::max_body_buffer_bytes")]
+    pub max_body_buffer_bytes: usize,
+    /// After its first `BODY_RATE_GRACE` seconds, a request body must keep arriving at
+    /// least this fast on average, or it is cut off with 408.
+    #[serde(default = "d::min_body_bytes_per_sec")]
+    pub min_body_bytes_per_sec: u64,
+    /// When set, `POST /api/v1/refresh` needs `Authorization: Bearer <ADMIN_TOKEN>`.
+    pub admin_token: Option<String>,
     /// Allowed CORS origins, comma-separated; `*` allows any.
     #[serde(default = "d::cors_allow_origins")]
     pub cors_allow_origins: Vec<String>,
@@ -266,6 +277,15 @@ mod d {
     pub fn shutdown_grace_secs() -> u64 {
         20
     }
+    pub fn max_body_buffer_bytes() -> usize {
+        // Four uploads at MAX_IMAGE_BYTES' default, and room for the small JSON bodies.
+        48 * 1024 * 1024
+    }
+    pub fn min_body_bytes_per_sec() -> u64 {
+        // A 10 MiB upload may take 10 minutes (a slow phone link); one byte every few
+        // seconds, which only holds a connection open, is cut off after the grace.
+        16 * 1024
+    }
     pub fn cors_allow_origins() -> Vec<String> {
         vec!["*".into()]
     }
@@ -403,6 +423,16 @@ impl Config {
             "must be at least 1",
         )?;
         check(
+            self.min_body_bytes_per_sec >= 1,
+            "MIN_BODY_BYTES_PER_SEC",
+            "must be at least 1",
+        )?;
+        check(
+            self.max_body_buffer_bytes >= self.upload_limit(),
+            "MAX_BODY_BUFFER_BYTES",
+            "must be at least MAX_IMAGE_BYTES plus 64 KiB (one whole upload)",
+        )?;
+        check(
             !self.product_fields.is_empty(),
             "PRODUCT_FIELDS",
             "must name at least one field",
@@ -433,6 +463,11 @@ impl Config {
 
     pub fn decode_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.decode_timeout_secs)
+    }
+
+    /// The largest upload body: the image plus room for the multipart framing.
+    pub fn upload_limit(&self) -> usize {
+        self.max_image_bytes.saturating_add(64 * 1024)
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -47,6 +47,12 @@ pub enum AppError {
     /// A parameter out of its bounds or of the wrong type (FastAPI answered these 422).
     #[error("{0}")]
     Invalid(String),
+    /// A protected endpoint called without credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A protected endpoint called with the wrong credentials (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Image(#[from] ImageError),
     #[error("{0}")]
@@ -72,6 +78,8 @@ impl AppError {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Image(ImageError::UnsupportedFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::Image(ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Image(_) => StatusCode::BAD_REQUEST,
@@ -104,7 +112,14 @@ impl IntoResponse for AppError {
         } else {
             tracing::info!(error = %self, "request rejected");
         }
-        detail_response(status, self.detail())
+        let mut resp = detail_response(status, self.detail());
+        if matches!(self, AppError::Unauthorized(_)) {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }
 

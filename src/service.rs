@@ -78,7 +78,26 @@ type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, AppError>>>;
 #[derive(Default)]
 struct SyncState {
     running: Option<SyncFuture>,
+    /// The pass that refreshes asked for while one was running: it starts when that one
+    /// ends, and every refresh made meanwhile shares it.
+    queued: Option<SyncFuture>,
     last_done: Option<Instant>,
+}
+
+/// How far the index pass under way has got, for `/api/v1/status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PassProgress {
+    pub running: bool,
+    /// Products of this pass whose image was embedded or failed so far.
+    pub done: usize,
+    /// Products this pass has to embed.
+    pub todo: usize,
+    /// Seconds since the pass under way (or the last one) started.
+    pub started_secs_ago: Option<f64>,
+    /// Passes started since the service started.
+    pub passes: u64,
+    #[serde(skip)]
+    started: Option<Instant>,
 }
 
 /// Shared by every request; cheap to clone.
@@ -104,6 +123,7 @@ pub struct Inner {
     cache: Option<RwLock<Option<VectorCache>>>,
     cache_synced: Mutex<Option<Instant>>,
     sync: Mutex<SyncState>,
+    progress: Arc<std::sync::Mutex<PassProgress>>,
     pub started: Instant,
 }
 
@@ -151,6 +171,7 @@ impl AppState {
             cache: config.cache_products.then(|| RwLock::new(None)),
             cache_synced: Mutex::new(None),
             sync: Mutex::new(SyncState::default()),
+            progress: Default::default(),
             started: Instant::now(),
             config,
             client,
@@ -356,10 +377,11 @@ impl AppState {
         let fut = {
             let mut st = self.sync.lock().await;
             let due = st.last_done.is_none_or(|t| t.elapsed() >= interval);
+            // A pass that is not due (a refresh's) does not hold searches up.
             match (&st.running, due) {
-                (Some(f), _) => f.clone(),
+                (Some(f), true) => f.clone(),
                 (None, true) => self.start_sync(&mut st),
-                (None, false) => return Ok(()),
+                (_, false) => return Ok(()),
             }
         };
         let wait = Duration::from_secs(self.config.search_sync_wait_secs);
@@ -377,8 +399,10 @@ impl AppState {
         }
     }
 
-    /// A full pass now (`POST /refresh`, `search-img index`): waits for one in progress,
-    /// then runs a fresh one so changes made meanwhile are seen.
+    /// A full pass that starts now or later (`POST /refresh`, `search-img index`), so
+    /// that changes made before the call are seen. With none running it starts one; while
+    /// one runs, it waits for that one and then for one more, which every call made
+    /// meanwhile shares: N concurrent calls cost at most two passes, not N.
     pub async fn refresh(&self) -> Result<IndexReport, AppError> {
         self.refresh_with_progress(Arc::new(|_, _| {})).await
     }
@@ -387,21 +411,59 @@ impl AppState {
         &self,
         progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
     ) -> Result<IndexReport, AppError> {
-        loop {
-            let fut = {
-                let mut st = self.sync.lock().await;
-                match &st.running {
-                    Some(f) => Err(f.clone()),
-                    None => Ok(self.start_sync_with(&mut st, progress.clone())),
-                }
-            };
-            match fut {
-                Ok(f) => return f.await,
-                Err(running) => {
-                    let _ = running.await;
+        let fut = {
+            let mut st = self.sync.lock().await;
+            match (&st.running, &st.queued) {
+                (None, _) => self.start_sync_with(&mut st, progress),
+                (Some(_), Some(queued)) => queued.clone(),
+                (Some(running), None) => {
+                    let queued = self.queue_after(running.clone(), progress);
+                    st.queued = Some(queued.clone());
+                    queued
                 }
             }
+        };
+        fut.await
+    }
+
+    /// A pass that starts when `running` ends (spawned, so it happens even if every
+    /// caller gives up). If something else started a pass in between, that one will do.
+    fn queue_after(
+        &self,
+        running: SyncFuture,
+        progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
+    ) -> SyncFuture {
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let _ = running.await;
+            let next = {
+                let mut st = this.sync.lock().await;
+                st.queued = None;
+                match &st.running {
+                    Some(f) => f.clone(),
+                    None => this.start_sync_with(&mut st, progress),
+                }
+            };
+            next.await
+        });
+        async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(AppError::Internal(format!("index pass panicked: {e}"))))
         }
+        .boxed()
+        .shared()
+    }
+
+    /// The pass under way, or the last one.
+    pub fn pass_progress(&self) -> PassProgress {
+        let mut p = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        p.started_secs_ago = p.started.map(|t| t.elapsed().as_secs_f64());
+        p
     }
 
     fn start_sync(&self, st: &mut SyncState) -> SyncFuture {
@@ -415,10 +477,31 @@ impl AppState {
         progress: Arc<dyn Fn(usize, usize) + Send + Sync>,
     ) -> SyncFuture {
         let this = self.clone();
+        let shared = self.progress.clone();
+        {
+            let mut p = shared.lock().unwrap_or_else(|p| p.into_inner());
+            *p = PassProgress {
+                running: true,
+                started: Some(Instant::now()),
+                passes: p.passes + 1,
+                ..Default::default()
+            };
+        }
+        let progress: Arc<dyn Fn(usize, usize) + Send + Sync> = Arc::new(move |done, todo| {
+            {
+                let mut p = shared.lock().unwrap_or_else(|p| p.into_inner());
+                (p.done, p.todo) = (done, todo);
+            }
+            progress(done, todo)
+        });
         let handle = tokio::spawn(async move {
             let result = this.index_pass(progress).await;
             let mut st = this.sync.lock().await;
             st.running = None;
+            this.progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .running = false;
             if result.is_ok() {
                 st.last_done = Some(Instant::now());
             }
@@ -657,6 +740,7 @@ impl AppState {
             failed_products: failed,
             caching_enabled: self.config.cache_products,
             cached_vectors: cached,
+            index_pass: self.pass_progress(),
             uptime_secs: self.started.elapsed().as_secs(),
         })
     }
@@ -682,5 +766,7 @@ pub struct Status {
     pub failed_products: Option<u64>,
     pub caching_enabled: bool,
     pub cached_vectors: usize,
+    /// The index pass under way, or the last one (a refresh answered 202 goes on here).
+    pub index_pass: PassProgress,
     pub uptime_secs: u64,
 }

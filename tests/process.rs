@@ -383,6 +383,20 @@ async fn send(req: reqwest::RequestBuilder) -> Result<(u16, Value), String> {
     Ok((code, body))
 }
 
+/// `POST /api/v1/refresh` until a pass has run to its end (a refresh that outlasts
+/// REQUEST_TIMEOUT_SECS answers 202 and goes on; asking again waits for it and one more).
+async fn refresh_to_end(http: &reqwest::Client, svc: &Service) -> Value {
+    let t = Instant::now();
+    loop {
+        let (code, body) = send(http.post(svc.url("/api/v1/refresh"))).await.unwrap();
+        match code {
+            200 => return body,
+            202 => assert!(t.elapsed() < Duration::from_secs(120), "{body}"),
+            _ => panic!("refresh: {code} {body}"),
+        }
+    }
+}
+
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
@@ -703,8 +717,8 @@ fn slow_client(port: u16, head: String, every: Duration, limit: Duration) -> Slo
     out
 }
 
-/// Slow clients cannot take the service down: an upload trickling in is answered 408 at
-/// REQUEST_TIMEOUT_SECS, its slot freed and its connection closed; headers trickling in,
+/// Slow clients cannot take the service down: an upload trickling in holds no slot and is
+/// answered 408 by REQUEST_TIMEOUT_SECS, its connection closed; headers trickling in,
 /// or a connection that never sends a request, hold no slot and are disconnected at
 /// HEADER_READ_TIMEOUT_SECS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -726,9 +740,8 @@ async fn slow_loris_clients_time_out_without_holding_slots() {
     );
     let svc = Service::serve(&vars).await;
     let http = client();
-    // Index first (refresh has no deadline), so the searches below are quick.
-    let (code, body) = send(http.post(svc.url("/api/v1/refresh"))).await.unwrap();
-    assert_eq!(code, 200, "{body}");
+    // Index first, so the searches below are quick.
+    refresh_to_end(&http, &svc).await;
     let small = {
         let img = photo("coffee.png");
         jpeg(&image::imageops::thumbnail(&img, 160, 107), 85)
@@ -766,16 +779,15 @@ async fn slow_loris_clients_time_out_without_holding_slots() {
         .collect();
     let idle = std::thread::spawn(move || slow_client(port, String::new(), every, limit));
 
-    // The two trickling uploads hold both slots for now...
+    // The two trickling uploads hold neither slot: their bodies are still arriving...
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (code, body) = search(http.clone()).await;
-    assert_eq!(
-        code, 503,
-        "both slots should be held by the slow uploads: {body}"
-    );
+    for _ in 0..3 {
+        let (code, body) = search(http.clone()).await;
+        assert_eq!(code, 200, "a slow upload holds a slot: {body}");
+    }
     let (code, _) = send(http.get(svc.url("/api/v1/health"))).await.unwrap();
     assert_eq!(code, 200);
-    // ...until REQUEST_TIMEOUT_SECS: 408, and the connection is closed.
+    // ...and are cut off by REQUEST_TIMEOUT_SECS: 408, and the connection is closed.
     for b in bodies {
         let r = b.join().unwrap();
         assert_eq!(r.status, Some(408), "{r:?}");
@@ -850,8 +862,7 @@ async fn sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0() {
     );
     let mut svc = Service::serve(&vars).await;
     let http = client();
-    let (code, body) = send(http.post(svc.url("/api/v1/refresh"))).await.unwrap();
-    assert_eq!(code, 200, "{body}");
+    refresh_to_end(&http, &svc).await;
     // A kept-alive connection with nothing in flight (the client pool keeps it).
     let (code, _) = send(http.get(svc.url("/api/v1/health"))).await.unwrap();
     assert_eq!(code, 200);
@@ -1277,4 +1288,222 @@ async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_ex
         out.contains(&format!("process {} has exited", svc.pid)),
         "{out}"
     );
+}
+
+/// Thirty clients that send a search's headers and then one body byte a second hold no
+/// request slot: ordinary searches keep answering 200 meanwhile, and each slow body is
+/// cut off with 408 once the minimum body rate applies (after its grace of 5 s), far
+/// before REQUEST_TIMEOUT_SECS (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_slow_bodies_hold_no_slot_and_are_cut_off_at_the_minimum_rate() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mongo = MongoServer::start().await;
+    let images = ImageServer::start().await;
+    let urls = seed_catalogue(&mongo, &images).await;
+    let vars = vars_with(
+        test_vars(&mongo, &[]),
+        &[
+            ("LAZY_LOAD_MODEL", "false"),
+            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let svc = Service::serve(&vars).await;
+    let http = client();
+    refresh_to_end(&http, &svc).await;
+    let query = format!(
+        "/api/v1/search/url?top_k=1&image_url={}",
+        common::app::urlencode(&urls["Rocket model"])
+    );
+    let head = format!(
+        "POST {query} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n"
+    );
+    let port = svc.port;
+    let slow: Vec<_> = (0..30)
+        .map(|_| {
+            let h = head.clone();
+            std::thread::spawn(move || {
+                slow_client(port, h, Duration::from_secs(1), Duration::from_secs(30))
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Ten slots, thirty slow bodies: one after another, then ten at once.
+    for _ in 0..5 {
+        let (code, body) = send(http.post(svc.url(&query))).await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(names(&body), ["Rocket model"]);
+    }
+    let burst: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(send(http.post(svc.url(&query)))))
+        .collect();
+    for b in burst {
+        let (code, body) = b.await.unwrap().unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    for s in slow {
+        let r = s.join().unwrap();
+        assert_eq!(r.status, Some(408), "{r:?}");
+        let answered = r.answered_after.unwrap();
+        assert!(
+            answered >= Duration::from_millis(4500) && answered < Duration::from_secs(20),
+            "{r:?}"
+        );
+        assert!(r.closed_after.is_some(), "connection left open: {r:?}");
+    }
+    let (code, _) = send(http.post(svc.url(&query))).await.unwrap();
+    assert_eq!(code, 200);
+}
+
+/// Request bodies held in memory are bounded by MAX_BODY_BUFFER_BYTES over all requests:
+/// with room for one upload, a second one that would pass the budget is refused with a
+/// 503 detail while the first is still arriving, and uploads work again once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_progress_stay_within_their_memory_budget() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mongo = MongoServer::start().await;
+    let images = ImageServer::start().await;
+    seed_catalogue(&mongo, &images).await;
+    let vars = vars_with(
+        test_vars(&mongo, &[]),
+        &[
+            ("MAX_IMAGE_BYTES", "1000000"),
+            ("MAX_BODY_BUFFER_BYTES", "1065536"),
+            ("LAZY_LOAD_MODEL", "false"),
+            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let svc = Service::serve(&vars).await;
+    let http = client();
+    refresh_to_end(&http, &svc).await;
+    let port = svc.port;
+    let head = "POST /api/v1/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+        Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: 1000000\r\n\r\n";
+    let part = vec![b'a'; 700_000];
+    // The first upload sends 700 KB and then waits (well within the minimum rate).
+    let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    first.write_all(head.as_bytes()).unwrap();
+    first.write_all(&part).unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = {
+        let part = part.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(head.as_bytes()).unwrap();
+            let _ = s.write_all(&part);
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            String::from_utf8_lossy(&got).into_owned()
+        })
+        .await
+        .unwrap()
+    };
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    assert!(second.contains("busy receiving other uploads"), "{second}");
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let small = jpeg(
+        &image::imageops::thumbnail(&photo("coffee.png"), 160, 107),
+        85,
+    );
+    let (code, body) = send(
+        http.post(svc.url("/api/v1/search/image?top_k=1"))
+            .multipart(upload_form(small)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(names(&body), ["Espresso cup"]);
+}
+
+/// Ten refreshes at once while a product's image host hangs: each answers 202 within
+/// REQUEST_TIMEOUT_SECS, searches keep answering meanwhile, and the ten share passes
+/// (the one running and at most one more), so the hanging host is asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_refreshes_share_one_following_pass_and_answer_in_time() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mongo = MongoServer::start().await;
+    let images = ImageServer::start().await;
+    seed_catalogue(&mongo, &images).await;
+    let vars = vars_with(
+        test_vars(&mongo, &[]),
+        &[
+            ("REQUEST_TIMEOUT_SECS", "2"),
+            ("FETCH_TIMEOUT_SECS", "5"),
+            ("LAZY_LOAD_MODEL", "false"),
+            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let svc = Service::serve(&vars).await;
+    let http = client();
+    refresh_to_end(&http, &svc).await;
+    let passes_before = status_of(&http, &svc).await["index_pass"]["passes"]
+        .as_u64()
+        .unwrap();
+    images.put("hang.jpg", photo_bytes("rocket.jpg"));
+    images.delay("hang.jpg", Duration::from_secs(60));
+    mongo
+        .client()
+        .await
+        .database("test")
+        .collection::<Document>("products")
+        .insert_one(product_doc("Hanging", &images.url("hang.jpg")))
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let (http, url) = (http.clone(), svc.url("/api/v1/refresh"));
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = send(http.post(url)).await.unwrap();
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    // Searches are not held up by the refreshes.
+    let small = jpeg(
+        &image::imageops::thumbnail(&photo("coffee.png"), 160, 107),
+        85,
+    );
+    for _ in 0..3 {
+        let (code, body) = send(
+            http.post(svc.url("/api/v1/search/image?top_k=1"))
+                .multipart(upload_form(small.clone())),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    for c in calls {
+        let ((code, body), took) = c.await.unwrap();
+        assert_eq!(code, 202, "{body}");
+        assert!(body["message"].is_string() && body["index_pass"]["running"] == true);
+        assert!(took < Duration::from_secs(4), "took {took:?}");
+    }
+    let t = Instant::now();
+    loop {
+        let st = status_of(&http, &svc).await;
+        if st["index_pass"]["running"] == false {
+            let passes = st["index_pass"]["passes"].as_u64().unwrap() - passes_before;
+            assert!(
+                (1..=2).contains(&passes),
+                "{passes} passes for ten calls: {st}"
+            );
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        images.hits("hang.jpg"),
+        1,
+        "the hanging host was asked once"
+    );
+}
+
+async fn status_of(http: &reqwest::Client, svc: &Service) -> Value {
+    let (code, body) = send(http.get(svc.url("/api/v1/status"))).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    body
 }

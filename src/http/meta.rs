@@ -1,7 +1,9 @@
 //! `/`, health, status and refresh.
 
+use std::time::Duration;
+
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -59,16 +61,92 @@ pub async fn status(
     Ok(Json(state.status().await?))
 }
 
-pub async fn refresh(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
-    let r = state.refresh().await?;
-    Ok(Json(json!({
-        "message": "Product features refreshed",
-        "total_products": r.total_products,
-        "indexed_products": r.indexed_products,
-        "embedded": r.embedded,
-        "failed": r.failed,
-        "failed_waiting": r.failed_waiting,
-        "removed": r.removed,
-        "timings": r.timings,
-    })))
+/// Brings embeddings up to date (see `AppState::refresh`): 200 with the pass's report
+/// when it ends within REQUEST_TIMEOUT_SECS, else 202 while it goes on (progress in
+/// `/api/v1/status`). With ADMIN_TOKEN set, only for `Authorization: Bearer <token>`.
+pub async fn refresh(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    authorize(state.config.admin_token.as_deref(), &headers)?;
+    // Answer a little before the request deadline, so the client gets the 202.
+    let timeout = state.config.request_timeout();
+    let wait = timeout
+        .saturating_sub(timeout / 10)
+        .max(Duration::from_millis(100));
+    match tokio::time::timeout(wait, state.refresh()).await {
+        Ok(r) => {
+            let r = r?;
+            Ok(Json(json!({
+                "message": "Product features refreshed",
+                "total_products": r.total_products,
+                "indexed_products": r.indexed_products,
+                "embedded": r.embedded,
+                "failed": r.failed,
+                "failed_waiting": r.failed_waiting,
+                "removed": r.removed,
+                "timings": r.timings,
+            }))
+            .into_response())
+        }
+        Err(_) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "message": "Refresh under way; it goes on in the background (see /api/v1/status)",
+                "index_pass": state.pass_progress(),
+            })),
+        )
+            .into_response()),
+    }
+}
+
+/// ADMIN_TOKEN, when set: 401 without a bearer token, 403 with a wrong one.
+fn authorize(token: Option<&str>, headers: &HeaderMap) -> Result<(), AppError> {
+    let Some(token) = token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match given {
+        None => Err(AppError::Unauthorized(
+            "this endpoint needs `Authorization: Bearer <ADMIN_TOKEN>`".into(),
+        )),
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(AppError::Forbidden("the admin token is not valid".into())),
+    }
+}
+
+/// Compares without stopping at the first difference (no timing hint of the token).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_needs_the_exact_bearer_token() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert!(authorize(None, &HeaderMap::new()).is_ok());
+        let e = authorize(Some("s3cret"), &HeaderMap::new()).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        let e = authorize(Some("s3cret"), &h("Basic s3cret")).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNAUTHORIZED);
+        let e = authorize(Some("s3cret"), &h("Bearer s3cre")).unwrap_err();
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        let e = authorize(Some("s3cret"), &h("Bearer s3cret!")).unwrap_err();
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert!(authorize(Some("s3cret"), &h("Bearer s3cret")).is_ok());
+    }
 }

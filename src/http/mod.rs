@@ -1,6 +1,7 @@
 //! The HTTP layer: thin handlers over `service::AppState`, the old service's routes,
 //! CORS, request limits and graceful shutdown.
 
+mod body;
 mod docs;
 mod meta;
 mod search;
@@ -23,44 +24,55 @@ use crate::error::detail_response;
 use crate::service::AppState;
 
 /// The whole application. Health and the docs are outside the request limit so they
-/// answer at once however busy the searches are.
+/// answer at once however busy the searches are. Request bodies are read in full before
+/// a request takes a slot (`body`), so a client still sending holds none.
 pub fn app(state: AppState) -> Router {
     let cfg = &state.config;
-    let slots = Arc::new(Semaphore::new(cfg.max_concurrent_requests));
     let limit = Limiter {
-        slots: slots.clone(),
-        timeout: Some(cfg.request_timeout()),
+        slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+        timeout: cfg.request_timeout(),
     };
-    // A full refresh of a large catalogue may take minutes: it holds a slot but has no
-    // deadline (the pass goes on even if the client gives up).
-    let untimed = Limiter {
-        slots,
-        timeout: None,
+    let budget = Arc::new(Semaphore::new(cfg.max_body_buffer_bytes));
+    let bodies = |limit: usize| body::BodyReader {
+        limit,
+        budget: budget.clone(),
+        min_bytes_per_sec: cfg.min_body_bytes_per_sec,
+        timeout: cfg.request_timeout(),
     };
+    // Each route: its body read first (holding no slot), then a slot, then the handler.
+    let slot = || middleware::from_fn_with_state(limit.clone(), limit_requests);
+    let body_first = |limit| middleware::from_fn_with_state(bodies(limit), body::read_body_first);
     let limited = Router::new()
-        .route("/api/v1/search/url", post(search::by_url))
+        .route(
+            "/api/v1/search/url",
+            post(search::by_url)
+                .route_layer(slot())
+                .route_layer(body_first(SMALL_BODY_LIMIT)),
+        )
         .route(
             "/api/v1/search/image",
-            post(search::by_upload).layer(axum::extract::DefaultBodyLimit::max(
-                cfg.max_image_bytes + 64 * 1024,
-            )),
+            post(search::by_upload)
+                .route_layer(slot())
+                .route_layer(body_first(cfg.upload_limit()))
+                .layer(axum::extract::DefaultBodyLimit::max(cfg.upload_limit())),
         )
-        .route("/api/v1/status", get(meta::status))
-        .layer(middleware::from_fn_with_state(limit, limit_requests))
-        .merge(
-            Router::new()
-                .route("/api/v1/refresh", post(meta::refresh))
-                .layer(middleware::from_fn_with_state(untimed, limit_requests)),
-        );
+        .route("/api/v1/status", get(meta::status).route_layer(slot()));
     Router::new()
         .route("/", get(meta::root))
         .route("/api/v1/health", get(meta::health))
+        // Concurrent refreshes share one pass and answer within REQUEST_TIMEOUT_SECS, so
+        // they hold no search slot.
+        .route(
+            "/api/v1/refresh",
+            post(meta::refresh).route_layer(body_first(SMALL_BODY_LIMIT)),
+        )
         .route("/openapi.json", get(docs::openapi))
         .route("/docs", get(docs::swagger_ui))
         .merge(limited)
         .fallback(|| async { detail_response(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(
-            cfg.max_image_bytes + 64 * 1024,
+            cfg.upload_limit(),
             close_if_body_unread,
         ))
         .layer(cors(&cfg.cors_allow_origins))
@@ -68,14 +80,60 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The largest body of the routes that take JSON parameters (or nothing).
+const SMALL_BODY_LIMIT: usize = 64 * 1024;
+
+/// Every error the application writes is `{"detail": "..."}` (the frontend shows
+/// `response.data.detail`), including what axum and its extractors answer themselves in
+/// plain text or with an empty body: 405 (which keeps its `Allow` header), 413, 415 and
+/// the like. The plain text, when there is one, becomes the detail.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 8 * 1024)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let detail = if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allowed = parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        format!("method {method} is not allowed here (allowed: {allowed})")
+    } else {
+        text.unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string())
+    };
+    let mut out = detail_response(status, detail);
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 #[derive(Clone)]
 struct Limiter {
     slots: Arc<Semaphore>,
-    timeout: Option<Duration>,
+    timeout: Duration,
 }
 
 /// At most MAX_CONCURRENT_REQUESTS in flight, the rest refused with 503 at once (as the
-/// old service did); each request, body upload included, bounded by REQUEST_TIMEOUT_SECS.
+/// old service did); each bounded by REQUEST_TIMEOUT_SECS once it has its slot (its body
+/// was read before, under the same deadline: see `body`).
 async fn limit_requests(State(limit): State<Limiter>, req: Request, next: Next) -> Response {
     let Ok(_permit) = limit.slots.clone().try_acquire_owned() else {
         return detail_response(
@@ -83,10 +141,7 @@ async fn limit_requests(State(limit): State<Limiter>, req: Request, next: Next) 
             "the server is busy; try again shortly",
         );
     };
-    let Some(timeout) = limit.timeout else {
-        return next.run(req).await;
-    };
-    match tokio::time::timeout(timeout, next.run(req)).await {
+    match tokio::time::timeout(limit.timeout, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => detail_response(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
     }
