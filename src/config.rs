@@ -83,6 +83,11 @@ pub struct Config {
     /// fractions allowed). A decode past it finishes in the background, keeping its slot.
     #[serde(default = "d::decode_timeout_secs")]
     pub decode_timeout_secs: f64,
+    /// Memory all image decodes at once may take, the decoders' own buffers included
+    /// (judged from each image's header before it decodes; see `encoder::gate`). An
+    /// image that needs more than this alone is refused with 413.
+    #[serde(default = "d::max_decode_memory_bytes")]
+    pub max_decode_memory_bytes: u64,
     /// Model runs at once (each holds its activations in memory).
     #[serde(default = "d::one")]
     pub max_concurrent_inferences: usize,
@@ -296,6 +301,12 @@ mod d {
         // The largest legal image decodes in about 0.5 s on one core; room for a
         // fraction of a shared CPU.
         10.0
+    }
+    pub fn max_decode_memory_bytes() -> u64 {
+        // The costliest image within MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS, a 4096 x 4096
+        // progressive CMYK JPEG, needs about 146 MB (its DCT coefficients): room for it
+        // alone, or for a few ordinary photos at once.
+        160 * 1024 * 1024
     }
     pub fn max_image_pixels() -> u64 {
         // 4096 x 4096: above a 12-megapixel phone photo, and 48 MB decoded.

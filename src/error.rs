@@ -20,6 +20,12 @@ pub enum ImageError {
     TooManyPixels { width: u32, height: u32, limit: u64 },
     #[error("the image could not be decoded: {0}")]
     Corrupt(String),
+    /// A known format using a feature no decoder here has (e.g. arithmetic-coded JPEG).
+    #[error("unsupported image: {0} (send a baseline or progressive JPEG, PNG, WebP, GIF or BMP)")]
+    UnsupportedFeature(String),
+    /// Decoding would take more memory than MAX_DECODE_MEMORY_BYTES allows at all.
+    #[error("the image would need {needed_mb} MB to decode, more than the {limit_mb} MB allowed")]
+    TooCostly { needed_mb: u64, limit_mb: u64 },
     /// Decoding ran past DECODE_TIMEOUT_SECS (the decode finishes in the background).
     #[error("the image took too long to decode (over {secs} s)")]
     TooSlow { secs: f64 },
@@ -80,7 +86,10 @@ impl AppError {
             AppError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::Image(ImageError::UnsupportedFormat) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::Image(ImageError::UnsupportedFormat | ImageError::UnsupportedFeature(_)) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            AppError::Image(ImageError::TooCostly { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Image(ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::Image(_) => StatusCode::BAD_REQUEST,
             AppError::Fetch(FetchError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -167,7 +167,11 @@ impl AppState {
         Ok(Self(Arc::new(Inner {
             db_watch,
             inference: Semaphore::new(config.max_concurrent_inferences),
-            decode: DecodeGate::new(config.decode_permits(), config.decode_timeout()),
+            decode: DecodeGate::new(
+                config.decode_permits(),
+                config.max_decode_memory_bytes,
+                config.decode_timeout(),
+            ),
             cache: config.cache_products.then(|| RwLock::new(None)),
             cache_synced: Mutex::new(None),
             sync: Mutex::new(SyncState::default()),

@@ -6,6 +6,13 @@
 //! freed only when the decode really ends: abandoned decodes still count against the
 //! bound and cannot pile up. The header pixel cap (`DecodeLimits::max_pixels`) is what
 //! bounds that background time; the deadline bounds what a client sees.
+//!
+//! Memory: before a decode starts, its cost is judged from the image header
+//! (`preprocess::decode_cost`: the decoder's own buffers, such as a progressive JPEG's
+//! coefficients, the pixels, the RGB copy and the resize) and taken from one budget,
+//! MAX_DECODE_MEMORY_BYTES, held until the decode really ends. So the memory of all
+//! decodes at once stays within that budget whatever the images; a decode that would
+//! not fit even alone is refused (413), and the others wait their turn.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +25,35 @@ use crate::error::{AppError, ImageError};
 
 pub struct DecodeGate {
     slots: Arc<Semaphore>,
+    memory: Memory,
     timeout: Duration,
 }
 
+/// The decode memory budget, in KiB permits.
+#[derive(Clone)]
+struct Memory {
+    kib: Arc<Semaphore>,
+    total_kib: u32,
+}
+
 impl DecodeGate {
-    /// At most `permits` decodes at once; callers wait at most `timeout` for one.
-    pub fn new(permits: usize, timeout: Duration) -> Self {
+    /// At most `permits` decodes at once, together taking at most `memory_bytes`; each
+    /// caller waits at most `timeout` for its decode.
+    pub fn new(permits: usize, memory_bytes: u64, timeout: Duration) -> Self {
+        let total_kib = u32::try_from((memory_bytes / 1024).max(1)).unwrap_or(u32::MAX >> 3);
         Self {
             slots: Arc::new(Semaphore::new(permits.max(1))),
+            memory: Memory {
+                kib: Arc::new(Semaphore::new(total_kib as usize)),
+                total_kib,
+            },
             timeout,
         }
+    }
+
+    /// Bytes of the memory budget not taken by decodes now.
+    pub fn memory_available(&self) -> u64 {
+        self.memory.kib.available_permits() as u64 * 1024
     }
 
     /// Slots free now (decodes past their deadline still hold theirs).
@@ -56,6 +82,7 @@ impl DecodeGate {
             .map_err(|_| AppError::Overloaded)?;
         Ok(DecodeSlot {
             permit,
+            memory: self.memory.clone(),
             timeout: self.timeout,
         })
     }
@@ -64,6 +91,7 @@ impl DecodeGate {
 /// The right to run one decode.
 pub struct DecodeSlot {
     permit: OwnedSemaphorePermit,
+    memory: Memory,
     timeout: Duration,
 }
 
@@ -76,10 +104,34 @@ impl DecodeSlot {
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
     ) -> Result<Array3<f32>, AppError> {
-        let Self { permit, timeout } = self;
+        let Self {
+            permit,
+            memory,
+            timeout,
+        } = self;
+        // The header read is quick, but PNG inflates an ICC profile there: off the runtime.
+        let (enc, b) = (encoder.clone(), bytes.clone());
+        let cost = tokio::task::spawn_blocking(move || enc.prepare_cost(&b))
+            .await
+            .map_err(|_| ImageError::Corrupt("the decoder failed on this image".into()))??;
+        let kib = u32::try_from(cost.div_ceil(1024)).unwrap_or(u32::MAX);
+        if kib > memory.total_kib {
+            return Err(ImageError::TooCostly {
+                needed_mb: cost.div_ceil(1 << 20),
+                limit_mb: memory.total_kib as u64 / 1024,
+            }
+            .into());
+        }
+        // Waiting for memory is the server being busy, not the image's fault: the
+        // request timeout bounds it, not the decode deadline.
+        let held = memory
+            .kib
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| AppError::Overloaded)?;
         let enc = encoder.clone();
         let decode = tokio::task::spawn_blocking(move || {
-            let _slot = permit;
+            let _slot = (permit, held);
             enc.prepare(&bytes)
         });
         match tokio::time::timeout(timeout, decode).await {

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 pub use gate::{DecodeGate, DecodeSlot};
 pub use lazy::LazyEncoder;
-pub use preprocess::{decode, DecodeLimits, Preprocessing};
+pub use preprocess::{decode, decode_cost, decode_for, DecodeLimits, Preprocessing};
 pub use runtime::SessionSettings;
 
 use crate::error::{ImageError, ModelError};
@@ -174,10 +174,16 @@ impl Encoder {
         self.runs.load(Ordering::Relaxed)
     }
 
-    /// Untrusted bytes -> the model's input tensor [3, H, W].
+    /// Untrusted bytes -> the model's input tensor [3, H, W]. JPEGs are decoded no
+    /// larger than the preprocessing needs.
     pub fn prepare(&self, bytes: &[u8]) -> Result<ndarray::Array3<f32>, ImageError> {
-        let img = decode(bytes, self.limits)?;
+        let img = decode_for(bytes, self.limits, self.preprocessing.min_source_side())?;
         Ok(self.preprocessing.to_tensor(&img))
+    }
+
+    /// The most memory `prepare` takes for `bytes`, from the image header alone.
+    pub fn prepare_cost(&self, bytes: &[u8]) -> Result<u64, ImageError> {
+        decode_cost(bytes, self.limits, self.preprocessing.min_source_side())
     }
 
     /// Embeds prepared tensors in one model run; returns L2-normalised vectors.

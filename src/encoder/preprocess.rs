@@ -138,6 +138,18 @@ impl Preprocessing {
         })
     }
 
+    /// The shorter side a decoded image needs so that preprocessing never scales it up
+    /// (a JPEG is decoded no larger than that: `decode_for`).
+    pub fn min_source_side(&self) -> u32 {
+        let (oh, ow) = self.output_hw();
+        let side = oh.max(ow);
+        if self.do_resize {
+            self.shortest_edge.max(side)
+        } else {
+            side
+        }
+    }
+
     /// The tensor size [3, H, W] this preprocessing produces.
     pub fn output_hw(&self) -> (u32, u32) {
         if self.do_center_crop {
@@ -307,14 +319,51 @@ impl Default for DecodeLimits {
     }
 }
 
-/// Decodes untrusted bytes into an upright RGB image.
+/// Decodes untrusted bytes into an upright RGB image at full size.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {
+    decode_for(bytes, limits, 0)
+}
+
+/// Decodes untrusted bytes into an upright RGB image whose shorter side is at least
+/// `min_side` (0: full size).
 ///
 /// The format is judged from the content, not from any header or file name. The pixel
 /// count is checked from the image header before any pixel is decoded (decompression
 /// bombs), EXIF orientation is applied, the first frame of an animation is taken, and
 /// transparent pixels are composited over white: product photos with a transparent
 /// background are shown on white pages, and white keeps them like their JPEG copies.
-pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {
+/// JPEGs are scaled down while decoding (in the DCT domain: 1/2, 1/4 or 1/8) to the
+/// smallest step whose shorter side still covers `min_side`.
+pub fn decode_for(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    min_side: u32,
+) -> Result<RgbImage, ImageError> {
+    match probe(bytes, limits, min_side)? {
+        Probe::Jpeg(header) => decode_jpeg(bytes, &header),
+        Probe::Other(reader, _) => decode_other(reader),
+    }
+}
+
+/// The most memory decoding `bytes` (for an image whose shorter side must cover
+/// `min_side`) and preprocessing the result can take, the decoder's own buffers
+/// included, judged from the header alone. `DecodeGate` holds decodes to a budget of it;
+/// `tests/decode_memory.rs` checks it against what the allocator sees.
+pub fn decode_cost(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<u64, ImageError> {
+    Ok(match probe(bytes, limits, min_side)? {
+        Probe::Jpeg(h) => h.cost(),
+        Probe::Other(_, cost) => cost,
+    })
+}
+
+/// What the header says, before any pixel is decoded.
+enum Probe<'a> {
+    Jpeg(JpegHeader),
+    Other(ImageReader<Cursor<&'a [u8]>>, u64),
+}
+
+/// The checks every format gets: size, format from the content, pixel cap.
+fn probe(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<Probe<'_>, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -327,20 +376,48 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
         .with_guessed_format()
         .map_err(|e| ImageError::Corrupt(e.to_string()))?;
     match reader.format() {
-        None => return Err(ImageError::UnsupportedFormat),
+        None => Err(ImageError::UnsupportedFormat),
         // The JPEG decoder fills a cut-off file with grey instead of failing.
         Some(image::ImageFormat::Jpeg) if !jpeg_has_end(bytes) => {
-            return Err(ImageError::Corrupt("the JPEG data is truncated".into()))
+            Err(ImageError::Corrupt("the JPEG data is truncated".into()))
         }
-        Some(_) => {}
+        Some(image::ImageFormat::Jpeg) => {
+            Ok(Probe::Jpeg(JpegHeader::read(bytes, limits, min_side)?))
+        }
+        Some(format) => {
+            reader.limits(decoder_limits(limits));
+            let cost = {
+                // A second reader for the header: `into_decoder` consumes one.
+                let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
+                probe.limits(decoder_limits(limits));
+                let mut decoder = probe.into_decoder().map_err(map_image_error)?;
+                let (width, height) = decoder.dimensions();
+                check_pixels(width, height, limits)?;
+                let bytes_per_pixel = decoder.color_type().bytes_per_pixel().max(1) as u64;
+                if decoder.total_bytes() > pixel_bytes_budget(limits) {
+                    return Err(ImageError::TooManyPixels {
+                        width,
+                        height,
+                        limit: pixel_bytes_budget(limits) / bytes_per_pixel,
+                    });
+                }
+                let rotates = decoder.orientation().is_ok_and(rotates);
+                other_cost(format, width, height, decoder.total_bytes(), rotates)
+            };
+            Ok(Probe::Other(reader, cost))
+        }
     }
-    let mut decoder_limits = Limits::default();
-    // The decoders' own buffers (PNG also counts its eagerly inflated ICC profile here,
-    // a favourite bomb). The pixels are checked below.
-    decoder_limits.max_alloc = Some(pixel_bytes_budget(limits).max(64 << 20));
-    reader.limits(decoder_limits);
-    let mut decoder = reader.into_decoder().map_err(map_image_error)?;
-    let (width, height) = decoder.dimensions();
+}
+
+/// The decoders' own buffers (PNG also counts its eagerly inflated ICC profile here, a
+/// favourite bomb). The pixels are checked from the header.
+fn decoder_limits(limits: DecodeLimits) -> Limits {
+    let mut l = Limits::default();
+    l.max_alloc = Some(pixel_bytes_budget(limits).max(64 << 20));
+    l
+}
+
+fn check_pixels(width: u32, height: u32, limits: DecodeLimits) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
         return Err(ImageError::Corrupt("the image has no pixels".into()));
     }
@@ -351,23 +428,176 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError
             limit: limits.max_pixels,
         });
     }
-    // 16-bit images take up to 8 bytes a pixel: hold every format to what the pixel cap
-    // costs in 8-bit RGBA. No real photo under the byte cap is refused by this (a 16-bit
-    // photo that size is far larger than MAX_IMAGE_BYTES); synthetic bombs are.
-    let bytes_per_pixel = decoder.color_type().bytes_per_pixel().max(1) as u64;
-    if decoder.total_bytes() > pixel_bytes_budget(limits) {
-        return Err(ImageError::TooManyPixels {
+    Ok(())
+}
+
+/// Whether an orientation turns the image by 90 degrees (a rotated copy is made).
+fn rotates(o: image::metadata::Orientation) -> bool {
+    use image::metadata::Orientation as O;
+    matches!(
+        o,
+        O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH
+    )
+}
+
+/// Memory of decoding a non-JPEG image: the decoder's output, its own working buffers
+/// (by format), the RGB copy, a rotated copy, and the resize.
+fn other_cost(format: image::ImageFormat, w: u32, h: u32, output: u64, rotates: bool) -> u64 {
+    let px = w as u64 * h as u64;
+    let working = match format {
+        // Two rows and the inflater.
+        image::ImageFormat::Png => 2 * output / h.max(1) as u64 + (1 << 20),
+        // A frame canvas and the indexed frame; VP8L's ARGB words, VP8's YUV planes.
+        image::ImageFormat::Gif | image::ImageFormat::WebP => 5 * px,
+        _ => 1 << 20,
+    };
+    output + working + 3 * px + if rotates { 3 * px } else { 0 } + resize_cost(w, h)
+}
+
+/// The resize to the model's size from a w x h RGB image: fast_image_resize's
+/// intermediate (the width resized, every source row) and its output, the tensor, slack.
+fn resize_cost(w: u32, h: u32) -> u64 {
+    let (w, h) = (w as u64, h as u64);
+    // The model's side is at most 448 here; the other side scales with the aspect.
+    let out_w = 448u64.max(448 * w / h.max(1)).min(w);
+    out_w * h * 3 * 2 + (4 << 20)
+}
+
+/// A JPEG's frame, read without decoding pixels.
+struct JpegHeader {
+    width: u32,
+    height: u32,
+    components: u64,
+    progressive: bool,
+    /// Eighths: 8 is full size, 1 is 1/8.
+    scale: u32,
+}
+
+impl JpegHeader {
+    fn read(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<Self, ImageError> {
+        let mut d = jpeg_decoder::Decoder::new(bytes);
+        d.read_info().map_err(map_jpeg_error)?;
+        let info = d
+            .info()
+            .ok_or_else(|| ImageError::Corrupt("no JPEG frame".into()))?;
+        let (width, height) = (info.width as u32, info.height as u32);
+        check_pixels(width, height, limits)?;
+        let components = match info.pixel_format {
+            jpeg_decoder::PixelFormat::L8 | jpeg_decoder::PixelFormat::L16 => 1,
+            jpeg_decoder::PixelFormat::RGB24 => 3,
+            jpeg_decoder::PixelFormat::CMYK32 => 4,
+        };
+        let lossless = info.coding_process == jpeg_decoder::CodingProcess::Lossless;
+        let scale = if min_side == 0 || lossless {
+            8
+        } else {
+            [1, 2, 4, 8]
+                .into_iter()
+                .find(|s| scaled(width.min(height), *s) >= min_side)
+                .unwrap_or(8)
+        };
+        Ok(Self {
             width,
             height,
-            limit: pixel_bytes_budget(limits) / bytes_per_pixel,
-        });
+            components,
+            progressive: info.coding_process == jpeg_decoder::CodingProcess::DctProgressive,
+            scale,
+        })
     }
-    let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
+
+    fn output(&self) -> (u32, u32) {
+        (
+            scaled(self.width, self.scale),
+            scaled(self.height, self.scale),
+        )
+    }
+
+    /// A progressive JPEG keeps every DCT coefficient (two bytes each, 64 per 8x8
+    /// block, at full size whatever the output scale) until its last scan; every JPEG
+    /// decodes into a plane per component and then one interleaved buffer at the output
+    /// size, which becomes RGB (and maybe a rotated copy) before the resize.
+    fn cost(&self) -> u64 {
+        let pad = |n: u32| (n as u64).div_ceil(16) * 16;
+        let coefficients = if self.progressive {
+            self.components * pad(self.width) * pad(self.height) * 2
+        } else {
+            0
+        };
+        let (ow, oh) = self.output();
+        let opx = (ow as u64 + 16) * (oh as u64 + 16);
+        // L16 output is two bytes a sample.
+        let planes = 2 * self.components * opx * 2;
+        coefficients + planes + 2 * 3 * opx + resize_cost(ow, oh)
+    }
+}
+
+/// A side at `scale` eighths, as jpeg-decoder rounds it.
+fn scaled(len: u32, scale: u32) -> u32 {
+    (len * scale).div_ceil(8)
+}
+
+fn decode_jpeg(bytes: &[u8], header: &JpegHeader) -> Result<RgbImage, ImageError> {
+    let mut d = jpeg_decoder::Decoder::new(bytes);
+    let (ow, oh) = header.output();
+    if header.scale < 8 {
+        // Asks for exactly this step: jpeg-decoder takes the smallest whose output
+        // reaches the request in either axis.
+        d.scale(
+            ow.min(u16::MAX as u32) as u16,
+            oh.min(u16::MAX as u32) as u16,
+        )
+        .map_err(map_jpeg_error)?;
+    }
+    let pixels = d.decode().map_err(map_jpeg_error)?;
+    let info = d
+        .info()
+        .ok_or_else(|| ImageError::Corrupt("no JPEG frame".into()))?;
+    let (w, h) = (info.width as u32, info.height as u32);
+    let rgb: Vec<u8> = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => pixels,
+        jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
+        // Big-endian 16-bit samples: keep the high byte.
+        jpeg_decoder::PixelFormat::L16 => pixels.chunks_exact(2).flat_map(|l| [l[0]; 3]).collect(),
+        // jpeg-decoder has undone Adobe's inversion: plain CMYK, as image 0.24 read it.
+        jpeg_decoder::PixelFormat::CMYK32 => pixels
+            .chunks_exact(4)
+            .flat_map(|p| {
+                let k = 255 - p[3] as u32;
+                [0, 1, 2].map(|i| ((255 - p[i] as u32) * k / 255) as u8)
+            })
+            .collect(),
+    };
+    let img = RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| ImageError::Corrupt("the JPEG decoded to the wrong size".into()))?;
+    let orientation = d
+        .exif_data()
+        .and_then(image::metadata::Orientation::from_exif_chunk);
+    let mut img = DynamicImage::ImageRgb8(img);
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
-    Ok(flatten_to_rgb(img))
+    Ok(img.into_rgb8())
+}
+
+fn map_jpeg_error(e: jpeg_decoder::Error) -> ImageError {
+    match e {
+        jpeg_decoder::Error::Unsupported(f) => {
+            ImageError::UnsupportedFeature(format!("this JPEG uses {f:?}, which is not supported"))
+        }
+        other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+fn decode_other(reader: ImageReader<Cursor<&[u8]>>) -> Result<RgbImage, ImageError> {
+    let mut decoder = reader.into_decoder().map_err(map_image_error)?;
+    let orientation = decoder.orientation().ok();
+    let img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
+    // To RGB first, so a rotation copies three bytes a pixel, not four or eight.
+    let mut img = DynamicImage::ImageRgb8(flatten_to_rgb(img));
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    Ok(img.into_rgb8())
 }
 
 /// Bytes of decoded pixels allowed: the pixel cap in 8-bit RGBA.
@@ -486,6 +716,27 @@ mod tests {
         assert_eq!(a.output_hw(), (224, 224));
         assert!(Preprocessing::from_json(r#"{"image_std": [0, 1, 1]}"#).is_err());
         assert!(Preprocessing::from_json("not json").is_err());
+    }
+
+    /// No encoder here writes arithmetic coding, so a real baseline JPEG's frame marker
+    /// (SOF0) is changed to SOF9 (extended sequential, arithmetic): the decoder must say
+    /// "unsupported" (415), not "corrupt" (400).
+    #[test]
+    fn arithmetic_coded_jpeg_is_unsupported_not_corrupt() {
+        use image::ImageEncoder;
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .write_image(&img, 64, 48, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        assert!(decode(&jpeg, DecodeLimits::default()).is_ok());
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        jpeg[sof + 1] = 0xC9;
+        let e = decode(&jpeg, DecodeLimits::default()).unwrap_err();
+        assert!(matches!(e, ImageError::UnsupportedFeature(_)), "{e:?}");
+        assert!(e.to_string().contains("Arithmetic"), "{e}");
+        let status = crate::error::AppError::Image(e).status();
+        assert_eq!(status, axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
     }
 
     #[test]
