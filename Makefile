@@ -1,5 +1,5 @@
 # search-img: `make run` serves, `make test` tests. Both install what they need first.
-.PHONY: setup run test lint bench bench-encoder monitor fuzz clean-models
+.PHONY: setup run test lint bench bench-encoder bench-decode monitor fuzz clean-models
 
 CARGO ?= cargo
 
@@ -10,7 +10,7 @@ run: setup
 	scripts/run.sh
 
 test: setup
-	$(CARGO) test --all-targets
+	CARGO=$(CARGO) scripts/test.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -18,6 +18,11 @@ lint:
 
 bench-encoder: setup
 	scripts/bench-encoder.sh
+
+# Peak memory of 1 and 4 concurrent uploads of large photos (bench/results/decode-memory.md).
+bench-decode: setup
+	$(CARGO) build --release --bin search-img
+	.tools/venv/bin/python bench/decode_memory.py --out bench/results/decode-memory.md
 
 bench: setup
 	scripts/bench.sh

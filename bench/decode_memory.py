@@ -2,7 +2,8 @@
 /api/v1/search/image, one at a time and four at once, each file against a fresh service
 process (VmHWM only grows), with the decode time from the Server-Timing header.
 
-    bench/decode_memory.py [--bin BINARY ...] [--model DIR] [--out FILE.md]
+    bench/decode_memory.py [--bin BINARY ...] [--model DIR] [--env K=V ...] [--files F ...]
+                           [--out FILE.md]
 
 Several --bin give a before/after table from one run. Starts its own SecantusDB and the
 service on 127.0.0.1; needs `make setup` and `scripts/make_large_images.py` output
@@ -83,7 +84,7 @@ def decode_ms(timing):
     return None
 
 
-def measure(binary, model, mongo_uri, name, concurrent):
+def measure(binary, model, mongo_uri, name, concurrent, extra_env):
     port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""), "MONGO_URI": mongo_uri,
@@ -91,6 +92,7 @@ def measure(binary, model, mongo_uri, name, concurrent):
         "PORT": str(port), "LAZY_LOAD_MODEL": "false", "DECODE_TIMEOUT_SECS": "60",
         "LOG_LEVEL": "warn",
     }
+    env.update(extra_env)
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([binary, "serve"], env=env, stdout=log, stderr=log,
                             cwd=tempfile.gettempdir())
@@ -130,8 +132,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", action="append")
     ap.add_argument("--model", default=os.path.join(ROOT, "models/out/clip-vit-b32-int8/model.onnx"))
+    ap.add_argument("--env", action="append", default=[], help="K=V for the service")
+    ap.add_argument("--files", nargs="+", default=FILES)
     ap.add_argument("--out")
     args = ap.parse_args()
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
     bins = args.bin or [os.path.join(ROOT, "target/release/search-img")]
     storage = tempfile.mkdtemp(prefix="bench-decode-mongo-")
     mport = free_port()
@@ -144,9 +149,9 @@ def main():
     try:
         time.sleep(1.5)
         for binary in bins:
-            for name in FILES:
+            for name in args.files:
                 for c in (1, 4):
-                    r = measure(binary, args.model, uri, name, c)
+                    r = measure(binary, args.model, uri, name, c, extra_env)
                     r["bin"] = binary
                     rows.append(r)
                     print(json.dumps(r), file=sys.stderr)
@@ -154,7 +159,7 @@ def main():
         mongo.terminate()
         mongo.wait(10)
     lines = [
-        f"model {os.path.relpath(args.model, ROOT)}; VmHWM of a fresh service after 3 warm "
+        f"model {os.path.relpath(args.model, ROOT)}; service env {extra_env or 'defaults'}; VmHWM of a fresh service after 3 warm "
         "searches (warm) and after the uploads (peak)", "",
         "| binary | file | uploads at once | status | warm MB | peak MB | added MB | decode ms (median) |",
         "|---|---|---|---|---|---|---|---|",

@@ -22,6 +22,13 @@ if [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 fi
 
+# `make test` runs the suite in a loopback-only network namespace: unshare (util-linux)
+# and ip (iproute2). Debian's iproute2 when it is missing and we are root.
+if ! command -v ip >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing iproute2"
+  apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
+
 # Pillow writes the large test photos below (progressive CMYK JPEG and the like).
 if ! "$VENV/bin/python" -c "import PIL" 2>/dev/null; then
   log "installing Pillow into the venv"

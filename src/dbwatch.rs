@@ -10,16 +10,42 @@
 //! database that goes away shows as `disconnected` within about a second when its
 //! connections are refused, or within MONGO_TIMEOUT_SECS when they hang. Searches use the
 //! same observation to fail fast while the database is known to be down.
+//!
+//! The pings go through a client of their own that waits at most `SELECTION_TIMEOUT`
+//! for a server: once the driver's monitor has seen the server go (it notices a closed
+//! connection at once), a ping on the service's client waited out the whole
+//! MONGO_TIMEOUT_SECS of server selection before failing (5.6 s to show in health). A
+//! server the driver knows to be up is selected at once, so the short wait never turns
+//! a slow ping into a false "down"; any member answers (nearest), so an election does not
+//! count as an outage either.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::doc;
+use mongodb::options::{ClientOptions, ReadPreference, SelectionCriteria};
 use mongodb::Database;
 use tokio::sync::watch;
 
 /// How often the database is pinged while the watch runs.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a ping waits for the driver to know of a reachable server.
+pub const SELECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The watch's client options: the service's, with the short server selection.
+pub fn watch_options(service: &ClientOptions) -> ClientOptions {
+    let mut opts = service.clone();
+    opts.server_selection_timeout = Some(
+        opts.server_selection_timeout
+            .map_or(SELECTION_TIMEOUT, |t| t.min(SELECTION_TIMEOUT)),
+    );
+    opts.app_name = Some(format!(
+        "{}-health",
+        opts.app_name.as_deref().unwrap_or("search-img")
+    ));
+    opts
+}
 
 /// The outcome of one ping.
 #[derive(Clone, Debug)]
@@ -50,7 +76,13 @@ impl DbWatch {
 
     /// One ping, bounded by the timeout.
     pub async fn ping(db: &Database, timeout: Duration) -> Result<(), String> {
-        match tokio::time::timeout(timeout, db.run_command(doc! { "ping": 1 })).await {
+        let nearest = SelectionCriteria::ReadPreference(ReadPreference::Nearest {
+            options: Default::default(),
+        });
+        let ping = db
+            .run_command(doc! { "ping": 1 })
+            .selection_criteria(nearest);
+        match tokio::time::timeout(timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("ping timed out".into()),

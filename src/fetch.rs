@@ -78,14 +78,13 @@ pub enum FetchError {
     /// The URL's scheme is not `http` or `https` (the payload is the scheme).
     #[error("unsupported image URL scheme \"{0}\"; only http and https URLs can be fetched")]
     UnsupportedScheme(String),
-    /// The host is, or resolves to, an address that must not be contacted (the payload
-    /// names the address, or the host and its addresses).
-    #[error(
-        "image URL host resolves to a private or reserved address ({0}); refusing to fetch it"
-    )]
+    /// The host is, or resolves to, an address that must not be contacted. The payload
+    /// (the host and its addresses) is for the log only: naming them to the client would
+    /// map internal names for an attacker.
+    #[error("image URL host resolves to a private or reserved address; refusing to fetch it")]
     ForbiddenHost(String),
     /// The fetch did not finish in time.
-    #[error("timed out while fetching the image URL")]
+    #[error("{CANNOT_FETCH}")]
     Timeout,
     /// The body is larger than the configured limit.
     #[error("the image at the URL is larger than the limit of {limit} bytes")]
@@ -93,19 +92,24 @@ pub enum FetchError {
         /// The limit, in bytes.
         limit: usize,
     },
-    /// The server answered with a non-success status.
-    #[error("the image URL answered with HTTP status {0}")]
+    /// The server answered with a non-success status (the payload is for the log).
+    #[error("{CANNOT_FETCH}")]
     HttpStatus(u16),
     /// The redirect chain is longer than allowed.
     #[error("the image URL redirected too many times")]
     TooManyRedirects,
-    /// Name resolution, connection, TLS or transfer failed.
-    #[error("could not fetch the image URL: {0}")]
+    /// Name resolution, connection, TLS or transfer failed (the payload is for the log).
+    #[error("{CANNOT_FETCH}")]
     Network(String),
     /// The HTTP client could not be built (an internal problem, not the sender's).
     #[error("internal error setting up the image fetcher: {0}")]
     Client(String),
 }
+
+/// What a client is told for every failure to get an answer from the image's host:
+/// telling refused, timed out and an HTTP status apart would let it probe other hosts'
+/// ports through this service. The cause is logged.
+const CANNOT_FETCH: &str = "could not fetch the image URL (no image came back from its host)";
 
 impl FetchError {
     /// Whether the failure is down to the URL (or what it points at) rather than to this
@@ -433,7 +437,8 @@ impl Fetcher {
                 Err(_elapsed) => Err(FetchError::Timeout),
             };
         if let Err(e) = &result {
-            tracing::debug!(error = %e, "image fetch failed");
+            // The cause the client is not told (see CANNOT_FETCH, ForbiddenHost).
+            tracing::info!(cause = ?e, "image fetch failed");
         }
         result
     }
@@ -779,7 +784,7 @@ mod tests {
         let e = FetchError::ForbiddenHost("127.0.0.1".to_owned());
         assert_eq!(
             e.to_string(),
-            "image URL host resolves to a private or reserved address (127.0.0.1); refusing to fetch it"
+            "image URL host resolves to a private or reserved address; refusing to fetch it"
         );
         assert!(e.is_client_fault());
         assert!(FetchError::Timeout.is_client_fault());
@@ -787,6 +792,21 @@ mod tests {
         assert!(FetchError::Network("x".into()).is_client_fault());
         assert!(FetchError::TooLarge { limit: 1 }.is_client_fault());
         assert!(!FetchError::Client("x".into()).is_client_fault());
+        // One text for every way the host failed to answer: no port probing.
+        let texts: std::collections::HashSet<String> = [
+            FetchError::Timeout,
+            FetchError::HttpStatus(404),
+            FetchError::Network("connection refused (os error 111)".into()),
+            FetchError::Network("could not resolve host internal.corp: ...".into()),
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        assert_eq!(texts.len(), 1, "{texts:?}");
+        let text = texts.into_iter().next().unwrap();
+        for leak in ["404", "111", "refused", "internal.corp", "timed out"] {
+            assert!(!text.contains(leak), "{text}");
+        }
         assert_eq!(
             FetchError::TooLarge { limit: 10 }.to_string(),
             "the image at the URL is larger than the limit of 10 bytes"

@@ -147,6 +147,8 @@ impl AppState {
             .get_or_insert(Duration::from_secs(config.mongo_timeout_secs));
         opts.connect_timeout
             .get_or_insert(Duration::from_secs(config.mongo_timeout_secs));
+        // The health watch's own client: see `dbwatch::watch_options`.
+        let watch_client = Client::with_options(crate::dbwatch::watch_options(&opts))?;
         let client = Client::with_options(opts)?;
         let db = client.database(&config.mongo_db_name);
         let catalog = Catalog::new(
@@ -163,7 +165,10 @@ impl AppState {
             max_redirects: config.max_redirects,
         })?;
         let encoder = LazyEncoder::new(EncoderOptions::from_config(&config));
-        let db_watch = DbWatch::new(db.clone(), Duration::from_secs(config.mongo_timeout_secs));
+        let db_watch = DbWatch::new(
+            watch_client.database(&config.mongo_db_name),
+            Duration::from_secs(config.mongo_timeout_secs),
+        );
         Ok(Self(Arc::new(Inner {
             db_watch,
             inference: Semaphore::new(config.max_concurrent_inferences),

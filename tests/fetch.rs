@@ -6,6 +6,8 @@
 //! URL is refused by `check_url` (the check `fetch` runs before any connection), and only
 //! then call `fetch`.
 
+mod common;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,6 +154,9 @@ fn fetcher(cfg: FetchConfig) -> Fetcher {
 
 #[tokio::test]
 async fn fetch_ok_returns_body() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -191,6 +196,9 @@ async fn fetch_ok_returns_body() {
 
 #[tokio::test]
 async fn sends_user_agent() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let body = fetcher(private_cfg())
@@ -205,6 +213,9 @@ async fn sends_user_agent() {
 
 #[tokio::test]
 async fn clones_share_client_and_run_concurrently() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -226,6 +237,9 @@ async fn clones_share_client_and_run_concurrently() {
 
 #[tokio::test]
 async fn too_large_with_content_length() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(FetchConfig {
@@ -241,6 +255,9 @@ async fn too_large_with_content_length() {
 
 #[tokio::test]
 async fn too_large_chunked_without_content_length() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(FetchConfig {
@@ -270,6 +287,9 @@ async fn read_request_head(sock: &mut tokio::net::TcpStream) {
 
 #[tokio::test]
 async fn endless_chunked_body_is_cut_off_early() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         // A raw server that streams chunks for as long as the client reads (up to 64 MiB)
         // and reports how much it wrote and whether the client hung up.
@@ -322,6 +342,9 @@ async fn endless_chunked_body_is_cut_off_early() {
 
 #[tokio::test]
 async fn declared_too_large_is_refused_without_reading_body() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         // Declares a 1 GiB body and then sends nothing: only the header can refuse it fast.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -349,6 +372,9 @@ async fn declared_too_large_is_refused_without_reading_body() {
 
 #[tokio::test]
 async fn slow_server_times_out() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(FetchConfig {
@@ -370,6 +396,9 @@ async fn slow_server_times_out() {
 
 #[tokio::test]
 async fn trickling_body_times_out() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(FetchConfig {
@@ -393,6 +422,9 @@ async fn trickling_body_times_out() {
 
 #[tokio::test]
 async fn silent_server_times_out() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         // Accepts the connection and never answers.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -417,6 +449,9 @@ async fn silent_server_times_out() {
 
 #[tokio::test]
 async fn upstream_status_errors() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -437,6 +472,9 @@ async fn upstream_status_errors() {
 
 #[tokio::test]
 async fn connection_refused_is_network_error() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         // A port that was just free on loopback.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -454,6 +492,9 @@ async fn connection_refused_is_network_error() {
 
 #[tokio::test]
 async fn redirects_followed_within_limit() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -477,6 +518,9 @@ async fn redirects_followed_within_limit() {
 
 #[tokio::test]
 async fn too_many_redirects() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -504,6 +548,9 @@ async fn too_many_redirects() {
 
 #[tokio::test]
 async fn redirect_to_other_scheme_is_refused() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let (addr, _) = start_server().await;
         let f = fetcher(private_cfg());
@@ -526,6 +573,9 @@ async fn redirect_to_other_scheme_is_refused() {
 
 #[tokio::test]
 async fn redirect_targets_are_checked() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     // A forbidden redirect target cannot be served from a public address in a test, so the
     // check the redirect policy runs on every hop is exercised directly.
     for target in [
@@ -550,6 +600,9 @@ async fn redirect_targets_are_checked() {
 /// server must see no request.
 #[tokio::test]
 async fn refuses_loopback_hosts() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         // Counts raw TCP accepts, so even a connection without a request would show.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -600,6 +653,9 @@ async fn refuses_loopback_hosts() {
 
 #[tokio::test]
 async fn refuses_forbidden_hosts_before_connecting() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let f = fetcher(FetchConfig {
             allow_private_hosts: false,
@@ -662,6 +718,9 @@ async fn refuses_forbidden_hosts_before_connecting() {
 
 #[tokio::test]
 async fn refuses_other_schemes_and_garbage() {
+    if !common::netns::loopback_only() {
+        return;
+    }
     bounded(async {
         let f = fetcher(private_cfg());
         for (url, scheme) in [

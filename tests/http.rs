@@ -180,3 +180,37 @@ async fn refresh_needs_the_admin_token_when_one_is_set() {
         }
     }
 }
+
+/// Every script and stylesheet /docs loads from elsewhere is pinned to an exact version
+/// and carries an integrity hash.
+#[tokio::test]
+async fn docs_pin_their_assets_with_integrity_hashes() {
+    let resp = app(&[])
+        .await
+        .oneshot(Request::get("/docs").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let html = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let tags: Vec<&str> = html
+        .split('<')
+        .filter(|t| t.starts_with("script src=") || t.starts_with("link rel=\"stylesheet\""))
+        .collect();
+    assert_eq!(tags.len(), 2, "{html}");
+    for tag in tags {
+        assert!(tag.contains("integrity=\"sha384-"), "{tag}");
+        assert!(tag.contains("crossorigin=\"anonymous\""), "{tag}");
+        assert!(
+            tag.contains("swagger-ui-dist@5.35.0/"),
+            "not an exact version: {tag}"
+        );
+    }
+}

@@ -23,6 +23,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::Encoder;
 use crate::error::{AppError, ImageError};
 
+/// Decodes judged at least this costly return the heap's free memory to the OS first
+/// (a malloc_trim takes well under a millisecond; such a decode takes hundreds).
+const TRIM_BEFORE_COST: u64 = 32 << 20;
+
 pub struct DecodeGate {
     slots: Arc<Semaphore>,
     memory: Memory,
@@ -132,6 +136,11 @@ impl DecodeSlot {
         let enc = encoder.clone();
         let decode = tokio::task::spawn_blocking(move || {
             let _slot = (permit, held);
+            if cost >= TRIM_BEFORE_COST {
+                // What request bodies and their parsing left free in the heap would
+                // otherwise stay in RSS under this decode's peak.
+                crate::rank::release_freed_memory();
+            }
             enc.prepare(&bytes)
         });
         match tokio::time::timeout(timeout, decode).await {

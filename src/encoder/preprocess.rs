@@ -447,8 +447,10 @@ fn other_cost(format: image::ImageFormat, w: u32, h: u32, output: u64, rotates: 
     let working = match format {
         // Two rows and the inflater.
         image::ImageFormat::Png => 2 * output / h.max(1) as u64 + (1 << 20),
-        // A frame canvas and the indexed frame; VP8L's ARGB words, VP8's YUV planes.
-        image::ImageFormat::Gif | image::ImageFormat::WebP => 5 * px,
+        // VP8's YUV planes (1.5 bytes a pixel); VP8L decodes into its output.
+        image::ImageFormat::WebP => 2 * px,
+        // The indexed frame.
+        image::ImageFormat::Gif => px,
         _ => 1 << 20,
     };
     output + working + 3 * px + if rotates { 3 * px } else { 0 } + resize_cost(w, h)

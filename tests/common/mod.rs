@@ -124,6 +124,7 @@ pub fn read_npy_f32(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
 pub mod app;
 pub mod images;
 pub mod mongo;
+pub mod netns;
 
 /// PNG's CRC-32 (for forging valid chunks in decompression-bomb tests).
 pub fn crc32(data: &[u8]) -> u32 {
