@@ -7,12 +7,13 @@
 //! cluster each check costs a network round trip. Instead, once health has been asked
 //! for, a background task pings every second and health answers with the latest result
 //! at once. Only the very first call waits for a ping (bounded by MONGO_TIMEOUT_SECS). A
-//! database that goes away shows as `disconnected` within about a second when its
-//! connections are refused, or within MONGO_TIMEOUT_SECS when they hang. Searches use the
+//! database that goes away shows as `disconnected` within about 1.5 s (a ping interval
+//! and the selection wait below) when its connections close, or within
+//! MONGO_TIMEOUT_SECS when they hang. Searches use the
 //! same observation to fail fast while the database is known to be down.
 //!
 //! The pings go through a client of their own that waits at most `SELECTION_TIMEOUT`
-//! for a server: once the driver's monitor has seen the server go (it notices a closed
+//! (0.5 s) for a server: once the driver's monitor has seen the server go (it notices a closed
 //! connection at once), a ping on the service's client waited out the whole
 //! MONGO_TIMEOUT_SECS of server selection before failing (5.6 s to show in health). A
 //! server the driver knows to be up is selected at once, so the short wait never turns
@@ -31,7 +32,7 @@ use tokio::sync::watch;
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a ping waits for the driver to know of a reachable server.
-pub const SELECTION_TIMEOUT: Duration = Duration::from_secs(1);
+pub const SELECTION_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The watch's client options: the service's, with the short server selection.
 pub fn watch_options(service: &ClientOptions) -> ClientOptions {

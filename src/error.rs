@@ -24,7 +24,9 @@ pub enum ImageError {
     #[error("unsupported image: {0} (send a baseline or progressive JPEG, PNG, WebP, GIF or BMP)")]
     UnsupportedFeature(String),
     /// Decoding would take more memory than MAX_DECODE_MEMORY_BYTES allows at all.
-    #[error("the image would need {needed_mb} MB to decode, more than the {limit_mb} MB allowed")]
+    #[error(
+        "the image would need {needed_mb} MiB to decode, more than the {limit_mb} MiB allowed"
+    )]
     TooCostly { needed_mb: u64, limit_mb: u64 },
     /// Decoding ran past DECODE_TIMEOUT_SECS (the decode finishes in the background).
     #[error("the image took too long to decode (over {secs} s)")]
