@@ -1290,6 +1290,38 @@ async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_ex
     );
 }
 
+/// Everything a test of an indexed, warm service needs: a database with the test
+/// catalogue, its image server, and the service (model loaded at start, no pass due for
+/// an hour) after one refresh has run to its end, with `extra` settings.
+struct Indexed {
+    mongo: MongoServer,
+    images: ImageServer,
+    urls: HashMap<String, String>,
+    svc: Service,
+    http: reqwest::Client,
+}
+
+async fn indexed_service(extra: &[(&str, &str)]) -> Indexed {
+    let mongo = MongoServer::start().await;
+    let images = ImageServer::start().await;
+    let urls = seed_catalogue(&mongo, &images).await;
+    let mut settings = vec![
+        ("LAZY_LOAD_MODEL", "false"),
+        ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+    ];
+    settings.extend_from_slice(extra);
+    let svc = Service::serve(&vars_with(test_vars(&mongo, &[]), &settings)).await;
+    let http = client();
+    refresh_to_end(&http, &svc).await;
+    Indexed {
+        mongo,
+        images,
+        urls,
+        svc,
+        http,
+    }
+}
+
 /// Thirty clients that send a search's headers and then one body byte a second hold no
 /// request slot: ordinary searches keep answering 200 meanwhile, and each slow body is
 /// cut off with 408 once the minimum body rate applies (after its grace of 5 s), far
@@ -1297,19 +1329,14 @@ async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_ex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_slow_bodies_hold_no_slot_and_are_cut_off_at_the_minimum_rate() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mongo = MongoServer::start().await;
-    let images = ImageServer::start().await;
-    let urls = seed_catalogue(&mongo, &images).await;
-    let vars = vars_with(
-        test_vars(&mongo, &[]),
-        &[
-            ("LAZY_LOAD_MODEL", "false"),
-            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
-        ],
-    );
-    let svc = Service::serve(&vars).await;
-    let http = client();
-    refresh_to_end(&http, &svc).await;
+    // Named so they live to the end: `..` would drop the database and image server now.
+    let Indexed {
+        mongo: _mongo,
+        images: _images,
+        urls,
+        svc,
+        http,
+    } = indexed_service(&[]).await;
     let query = format!(
         "/api/v1/search/url?top_k=1&image_url={}",
         common::app::urlencode(&urls["Rocket model"])
@@ -1361,21 +1388,17 @@ async fn thirty_slow_bodies_hold_no_slot_and_are_cut_off_at_the_minimum_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_in_progress_stay_within_their_memory_budget() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mongo = MongoServer::start().await;
-    let images = ImageServer::start().await;
-    seed_catalogue(&mongo, &images).await;
-    let vars = vars_with(
-        test_vars(&mongo, &[]),
-        &[
-            ("MAX_IMAGE_BYTES", "1000000"),
-            ("MAX_BODY_BUFFER_BYTES", "1065536"),
-            ("LAZY_LOAD_MODEL", "false"),
-            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
-        ],
-    );
-    let svc = Service::serve(&vars).await;
-    let http = client();
-    refresh_to_end(&http, &svc).await;
+    let Indexed {
+        mongo: _mongo,
+        images: _images,
+        svc,
+        http,
+        ..
+    } = indexed_service(&[
+        ("MAX_IMAGE_BYTES", "1000000"),
+        ("MAX_BODY_BUFFER_BYTES", "1065536"),
+    ])
+    .await;
     let port = svc.port;
     let head = "POST /api/v1/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: 1000000\r\n\r\n";
@@ -1423,21 +1446,13 @@ async fn bodies_in_progress_stay_within_their_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_refreshes_share_one_following_pass_and_answer_in_time() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mongo = MongoServer::start().await;
-    let images = ImageServer::start().await;
-    seed_catalogue(&mongo, &images).await;
-    let vars = vars_with(
-        test_vars(&mongo, &[]),
-        &[
-            ("REQUEST_TIMEOUT_SECS", "2"),
-            ("FETCH_TIMEOUT_SECS", "5"),
-            ("LAZY_LOAD_MODEL", "false"),
-            ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
-        ],
-    );
-    let svc = Service::serve(&vars).await;
-    let http = client();
-    refresh_to_end(&http, &svc).await;
+    let Indexed {
+        mongo,
+        images,
+        svc,
+        http,
+        urls: _,
+    } = indexed_service(&[("REQUEST_TIMEOUT_SECS", "2"), ("FETCH_TIMEOUT_SECS", "5")]).await;
     let passes_before = status_of(&http, &svc).await["index_pass"]["passes"]
         .as_u64()
         .unwrap();
