@@ -485,8 +485,11 @@ def bench_model(model, uri, img_port, neighbours):
     env = {"MODEL_PATH": str(path), "EMBEDDINGS_COLLECTION": coll}
     for size in SIZES:
         res = out["sizes"][str(size)] = {}
-        # Indexing: a service whose only job is POST /refresh.
-        svc = Service(f"{model}-{size}-index", {**env, "MAX_PRODUCTS": str(size)}, uri).start()
+        # Indexing: a service whose only job is POST /refresh, with a deadline long enough
+        # that the refresh answers 200 with the whole pass's report (not 202 while it runs).
+        svc = Service(f"{model}-{size}-index",
+                      {**env, "MAX_PRODUCTS": str(size), "REQUEST_TIMEOUT_SECS": "7200"},
+                      uri).start()
         log(f"{model} {size}: indexing (healthy in {svc.health_ms:.0f} ms)")
         procs = {"service": svc.pid, **neighbours}
         cpu0 = {k: cpu_s(pid) for k, pid in procs.items()}
