@@ -110,7 +110,7 @@ pub struct Config {
     /// before a request takes a slot, so this bounds what slow uploads can hold).
     #[serde(default = "d::max_body_buffer_bytes")]
     pub max_body_buffer_bytes: usize,
-    /// After its first `BODY_RATE_GRACE` seconds, a request body must keep arriving at
+    /// After its first 5 s (`http::body::GRACE`), a request body must keep arriving at
     /// least this fast on average, or it is cut off with 408.
     #[serde(default = "d::min_body_bytes_per_sec")]
     pub min_body_bytes_per_sec: u64,

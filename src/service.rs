@@ -75,6 +75,17 @@ fn ms_since(t: Instant) -> f64 {
 
 type SyncFuture = Shared<BoxFuture<'static, Result<IndexReport, AppError>>>;
 
+/// A spawned pass as a future every waiter can share.
+fn shared_pass(handle: tokio::task::JoinHandle<Result<IndexReport, AppError>>) -> SyncFuture {
+    async move {
+        handle
+            .await
+            .unwrap_or_else(|e| Err(AppError::Internal(format!("index pass panicked: {e}"))))
+    }
+    .boxed()
+    .shared()
+}
+
 #[derive(Default)]
 struct SyncState {
     running: Option<SyncFuture>,
@@ -455,13 +466,7 @@ impl AppState {
             };
             next.await
         });
-        async move {
-            handle
-                .await
-                .unwrap_or_else(|e| Err(AppError::Internal(format!("index pass panicked: {e}"))))
-        }
-        .boxed()
-        .shared()
+        shared_pass(handle)
     }
 
     /// The pass under way, or the last one.
@@ -516,13 +521,7 @@ impl AppState {
             }
             result
         });
-        let fut = async move {
-            handle
-                .await
-                .unwrap_or_else(|e| Err(AppError::Internal(format!("index pass panicked: {e}"))))
-        }
-        .boxed()
-        .shared();
+        let fut = shared_pass(handle);
         st.running = Some(fut.clone());
         fut
     }

@@ -1290,7 +1290,8 @@ async fn monitor_prints_memory_and_health_against_the_budget_then_notices_the_ex
     );
 }
 
-/// Everything a test of an indexed, warm service needs: a database with the test
+/// Everything a test of an indexed, warm service needs (held whole by the test, so the
+/// database and image server live as long as it): a database with the test
 /// catalogue, its image server, and the service (model loaded at start, no pass due for
 /// an hour) after one refresh has run to its end, with `extra` settings.
 struct Indexed {
@@ -1329,14 +1330,8 @@ async fn indexed_service(extra: &[(&str, &str)]) -> Indexed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_slow_bodies_hold_no_slot_and_are_cut_off_at_the_minimum_rate() {
     let _one = ONE_AT_A_TIME.lock().await;
-    // Named so they live to the end: `..` would drop the database and image server now.
-    let Indexed {
-        mongo: _mongo,
-        images: _images,
-        urls,
-        svc,
-        http,
-    } = indexed_service(&[]).await;
+    let t = indexed_service(&[]).await;
+    let (urls, svc, http) = (&t.urls, &t.svc, &t.http);
     let query = format!(
         "/api/v1/search/url?top_k=1&image_url={}",
         common::app::urlencode(&urls["Rocket model"])
@@ -1388,17 +1383,12 @@ async fn thirty_slow_bodies_hold_no_slot_and_are_cut_off_at_the_minimum_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_in_progress_stay_within_their_memory_budget() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let Indexed {
-        mongo: _mongo,
-        images: _images,
-        svc,
-        http,
-        ..
-    } = indexed_service(&[
+    let t = indexed_service(&[
         ("MAX_IMAGE_BYTES", "1000000"),
         ("MAX_BODY_BUFFER_BYTES", "1065536"),
     ])
     .await;
+    let (svc, http) = (&t.svc, &t.http);
     let port = svc.port;
     let head = "POST /api/v1/search/image HTTP/1.1\r\nHost: 127.0.0.1\r\n\
         Content-Type: multipart/form-data; boundary=XYZ\r\nContent-Length: 1000000\r\n\r\n";
@@ -1446,14 +1436,9 @@ async fn bodies_in_progress_stay_within_their_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_refreshes_share_one_following_pass_and_answer_in_time() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let Indexed {
-        mongo,
-        images,
-        svc,
-        http,
-        urls: _,
-    } = indexed_service(&[("REQUEST_TIMEOUT_SECS", "2"), ("FETCH_TIMEOUT_SECS", "5")]).await;
-    let passes_before = status_of(&http, &svc).await["index_pass"]["passes"]
+    let t = indexed_service(&[("REQUEST_TIMEOUT_SECS", "2"), ("FETCH_TIMEOUT_SECS", "5")]).await;
+    let (mongo, images, svc, http) = (&t.mongo, &t.images, &t.svc, &t.http);
+    let passes_before = status_of(http, svc).await["index_pass"]["passes"]
         .as_u64()
         .unwrap();
     images.put("hang.jpg", photo_bytes("rocket.jpg"));
@@ -1498,7 +1483,7 @@ async fn concurrent_refreshes_share_one_following_pass_and_answer_in_time() {
     }
     let t = Instant::now();
     loop {
-        let st = status_of(&http, &svc).await;
+        let st = status_of(http, svc).await;
         if st["index_pass"]["running"] == false {
             let passes = st["index_pass"]["passes"].as_u64().unwrap() - passes_before;
             assert!(

@@ -8,7 +8,7 @@
 //! bounds that background time; the deadline bounds what a client sees.
 //!
 //! Memory: before a decode starts, its cost is judged from the image header
-//! (`preprocess::decode_cost`: the decoder's own buffers, such as a progressive JPEG's
+//! (`DecodePlan::cost`: the decoder's own buffers, such as a progressive JPEG's
 //! coefficients, the pixels, the RGB copy and the resize) and taken from one budget,
 //! MAX_DECODE_MEMORY_BYTES, held until the decode really ends. So the memory of all
 //! decodes at once stays within that budget whatever the images; a decode that would
@@ -115,9 +115,10 @@ impl DecodeSlot {
         } = self;
         // The header read is quick, but PNG inflates an ICC profile there: off the runtime.
         let (enc, b) = (encoder.clone(), bytes.clone());
-        let cost = tokio::task::spawn_blocking(move || enc.prepare_cost(&b))
+        let plan = tokio::task::spawn_blocking(move || enc.plan(&b))
             .await
             .map_err(|_| ImageError::Corrupt("the decoder failed on this image".into()))??;
+        let cost = plan.cost();
         let kib = u32::try_from(cost.div_ceil(1024)).unwrap_or(u32::MAX);
         if kib > memory.total_kib {
             return Err(ImageError::TooCostly {
@@ -141,7 +142,7 @@ impl DecodeSlot {
                 // otherwise stay in RSS under this decode's peak.
                 crate::rank::release_freed_memory();
             }
-            enc.prepare(&bytes)
+            enc.prepare_planned(&plan, &bytes)
         });
         match tokio::time::timeout(timeout, decode).await {
             Ok(Ok(result)) => Ok(result?),

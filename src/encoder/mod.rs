@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 
 pub use gate::{DecodeGate, DecodeSlot};
 pub use lazy::LazyEncoder;
-pub use preprocess::{decode, decode_cost, decode_for, DecodeLimits, Preprocessing};
+pub use preprocess::{
+    decode, decode_cost, decode_for, plan_decode, DecodeLimits, DecodePlan, Preprocessing,
+};
 pub use runtime::SessionSettings;
 
 use crate::error::{ImageError, ModelError};
@@ -177,13 +179,22 @@ impl Encoder {
     /// Untrusted bytes -> the model's input tensor [3, H, W]. JPEGs are decoded no
     /// larger than the preprocessing needs.
     pub fn prepare(&self, bytes: &[u8]) -> Result<ndarray::Array3<f32>, ImageError> {
-        let img = decode_for(bytes, self.limits, self.preprocessing.min_source_side())?;
-        Ok(self.preprocessing.to_tensor(&img))
+        self.prepare_planned(&self.plan(bytes)?, bytes)
     }
 
-    /// The most memory `prepare` takes for `bytes`, from the image header alone.
-    pub fn prepare_cost(&self, bytes: &[u8]) -> Result<u64, ImageError> {
-        decode_cost(bytes, self.limits, self.preprocessing.min_source_side())
+    /// How `prepare` will decode `bytes`, and its cost, from the image header alone.
+    pub fn plan(&self, bytes: &[u8]) -> Result<DecodePlan, ImageError> {
+        plan_decode(bytes, self.limits, self.preprocessing.min_source_side())
+    }
+
+    /// `prepare` from a plan `plan` made of these bytes.
+    pub fn prepare_planned(
+        &self,
+        plan: &DecodePlan,
+        bytes: &[u8],
+    ) -> Result<ndarray::Array3<f32>, ImageError> {
+        let img = plan.decode(bytes, self.limits)?;
+        Ok(self.preprocessing.to_tensor(&img))
     }
 
     /// Embeds prepared tensors in one model run; returns L2-normalised vectors.

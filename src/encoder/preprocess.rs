@@ -339,33 +339,52 @@ pub fn decode_for(
     limits: DecodeLimits,
     min_side: u32,
 ) -> Result<RgbImage, ImageError> {
-    match probe(bytes, limits, min_side)? {
-        Probe::Jpeg(header, _) if header.scale < 8 => decode_jpeg(bytes, &header),
-        // Too small to scale: zune-jpeg (image's decoder) is twice as fast as jpeg-decoder
-        // on a 320-px photo (0.55 vs 1.12 ms).
-        Probe::Jpeg(_, reader) | Probe::Other(reader, _) => decode_other(reader),
-    }
+    plan_decode(bytes, limits, min_side)?.decode(bytes, limits)
 }
 
 /// The most memory decoding `bytes` (for an image whose shorter side must cover
-/// `min_side`) and preprocessing the result can take, the decoder's own buffers
-/// included, judged from the header alone. `DecodeGate` holds decodes to a budget of it;
-/// `tests/decode_memory.rs` checks it against what the allocator sees.
+/// `min_side`) and preprocessing the result can take: `DecodePlan::cost`.
 pub fn decode_cost(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<u64, ImageError> {
-    Ok(match probe(bytes, limits, min_side)? {
-        Probe::Jpeg(h, _) => h.cost(),
-        Probe::Other(_, cost) => cost,
-    })
+    Ok(plan_decode(bytes, limits, min_side)?.cost())
 }
 
-/// What the header says, before any pixel is decoded.
-enum Probe<'a> {
-    Jpeg(JpegHeader, ImageReader<Cursor<&'a [u8]>>),
-    Other(ImageReader<Cursor<&'a [u8]>>, u64),
+/// How to decode an image and what that costs, read from its header alone. Owned, so
+/// `DecodeGate` can take the cost from its budget before the decode, which then starts
+/// from the plan instead of reading the header again.
+pub struct DecodePlan {
+    format: image::ImageFormat,
+    /// A JPEG decoded at a DCT scale (jpeg-decoder); `None`: image's own decoder.
+    scaled_jpeg: Option<JpegHeader>,
+    cost: u64,
 }
 
-/// The checks every format gets: size, format from the content, pixel cap.
-fn probe(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<Probe<'_>, ImageError> {
+impl DecodePlan {
+    /// The most memory the decode and preprocessing can take, the decoder's own buffers
+    /// included; `tests/decode_memory.rs` checks it against what the allocator sees.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    /// Decodes `bytes`, the bytes this plan was made from.
+    pub fn decode(&self, bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {
+        match &self.scaled_jpeg {
+            Some(header) => decode_jpeg(bytes, header),
+            None => {
+                let mut reader = ImageReader::with_format(Cursor::new(bytes), self.format);
+                reader.limits(decoder_limits(limits));
+                decode_other(reader)
+            }
+        }
+    }
+}
+
+/// The checks every image gets before any pixel is decoded (size, the format from the
+/// content, the pixel cap), then the plan.
+pub fn plan_decode(
+    bytes: &[u8],
+    limits: DecodeLimits,
+    min_side: u32,
+) -> Result<DecodePlan, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -383,34 +402,46 @@ fn probe(bytes: &[u8], limits: DecodeLimits, min_side: u32) -> Result<Probe<'_>,
         Some(image::ImageFormat::Jpeg) if !jpeg_has_end(bytes) => {
             Err(ImageError::Corrupt("the JPEG data is truncated".into()))
         }
-        Some(image::ImageFormat::Jpeg) => {
-            reader.limits(decoder_limits(limits));
-            Ok(Probe::Jpeg(
-                JpegHeader::read(bytes, limits, min_side)?,
-                reader,
-            ))
+        Some(format @ image::ImageFormat::Jpeg) => {
+            let header = JpegHeader::read(bytes, limits, min_side)?;
+            Ok(DecodePlan {
+                format,
+                cost: header.cost(min_side),
+                // Too small to scale: zune-jpeg (image's decoder) is twice as fast as
+                // jpeg-decoder on a 320-px photo (0.55 vs 1.12 ms).
+                scaled_jpeg: (header.scale < 8).then_some(header),
+            })
         }
         Some(format) => {
             reader.limits(decoder_limits(limits));
-            let cost = {
-                // A second reader for the header: `into_decoder` consumes one.
-                let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
-                probe.limits(decoder_limits(limits));
-                let mut decoder = probe.into_decoder().map_err(map_image_error)?;
-                let (width, height) = decoder.dimensions();
-                check_pixels(width, height, limits)?;
-                let bytes_per_pixel = decoder.color_type().bytes_per_pixel().max(1) as u64;
-                if decoder.total_bytes() > pixel_bytes_budget(limits) {
-                    return Err(ImageError::TooManyPixels {
-                        width,
-                        height,
-                        limit: pixel_bytes_budget(limits) / bytes_per_pixel,
-                    });
-                }
-                let rotates = decoder.orientation().is_ok_and(rotates);
-                other_cost(format, width, height, decoder.total_bytes(), rotates)
-            };
-            Ok(Probe::Other(reader, cost))
+            let mut decoder = reader.into_decoder().map_err(map_image_error)?;
+            let (width, height) = decoder.dimensions();
+            check_pixels(width, height, limits)?;
+            // 16-bit images take up to 8 bytes a pixel: hold every format to what the
+            // pixel cap costs in 8-bit RGBA. No real photo under the byte cap is refused
+            // by this; synthetic bombs are.
+            let bytes_per_pixel = decoder.color_type().bytes_per_pixel().max(1) as u64;
+            if decoder.total_bytes() > pixel_bytes_budget(limits) {
+                return Err(ImageError::TooManyPixels {
+                    width,
+                    height,
+                    limit: pixel_bytes_budget(limits) / bytes_per_pixel,
+                });
+            }
+            let rotates = decoder.orientation().is_ok_and(rotates);
+            let cost = other_cost(
+                format,
+                width,
+                height,
+                decoder.total_bytes(),
+                rotates,
+                min_side,
+            );
+            Ok(DecodePlan {
+                format,
+                scaled_jpeg: None,
+                cost,
+            })
         }
     }
 }
@@ -448,7 +479,14 @@ fn rotates(o: image::metadata::Orientation) -> bool {
 
 /// Memory of decoding a non-JPEG image: the decoder's output, its own working buffers
 /// (by format), the RGB copy, a rotated copy, and the resize.
-fn other_cost(format: image::ImageFormat, w: u32, h: u32, output: u64, rotates: bool) -> u64 {
+fn other_cost(
+    format: image::ImageFormat,
+    w: u32,
+    h: u32,
+    output: u64,
+    rotates: bool,
+    min_side: u32,
+) -> u64 {
     let px = w as u64 * h as u64;
     let working = match format {
         // Two rows and the inflater.
@@ -459,15 +497,17 @@ fn other_cost(format: image::ImageFormat, w: u32, h: u32, output: u64, rotates: 
         image::ImageFormat::Gif => px,
         _ => 1 << 20,
     };
-    output + working + 3 * px + if rotates { 3 * px } else { 0 } + resize_cost(w, h)
+    output + working + 3 * px + if rotates { 3 * px } else { 0 } + resize_cost(w, h, min_side)
 }
 
-/// The resize to the model's size from a w x h RGB image: fast_image_resize's
-/// intermediate (the width resized, every source row) and its output, the tensor, slack.
-fn resize_cost(w: u32, h: u32) -> u64 {
+/// The resize from a w x h RGB image to a shorter side of `min_side`:
+/// fast_image_resize's intermediate (the width resized, every source row) and its
+/// output, the tensor, slack.
+fn resize_cost(w: u32, h: u32, min_side: u32) -> u64 {
     let (w, h) = (w as u64, h as u64);
-    // The model's side is at most 448 here; the other side scales with the aspect.
-    let out_w = 448u64.max(448 * w / h.max(1)).min(w);
+    // A full-size decode (0) is preprocessed for some model: room for a 448-px one.
+    let side = if min_side == 0 { 448 } else { min_side as u64 };
+    let out_w = side.max(side * w / h.max(1)).min(w);
     out_w * h * 3 * 2 + (4 << 20)
 }
 
@@ -525,7 +565,7 @@ impl JpegHeader {
     /// decodes into a plane per component and then one interleaved buffer at the output
     /// size, which becomes RGB (and maybe a rotated copy) before the resize. Unscaled
     /// JPEGs go through zune-jpeg, which keeps the same coefficients but no planes.
-    fn cost(&self) -> u64 {
+    fn cost(&self, min_side: u32) -> u64 {
         let pad = |n: u32| (n as u64).div_ceil(16) * 16;
         let coefficients = if self.progressive {
             self.components * pad(self.width) * pad(self.height) * 2
@@ -544,7 +584,7 @@ impl JpegHeader {
             let grey = if self.components == 1 { 4 * opx } else { 0 };
             3 * opx + grey + 3 * opx
         };
-        coefficients + pixels + resize_cost(ow, oh)
+        coefficients + pixels + resize_cost(ow, oh, min_side)
     }
 }
 

@@ -54,7 +54,9 @@ pub fn app(state: AppState) -> Router {
             post(search::by_upload)
                 .route_layer(slot())
                 .route_layer(body_first(cfg.upload_limit()))
-                .layer(axum::extract::DefaultBodyLimit::max(cfg.upload_limit())),
+                // The limit is `body_first`'s; the multipart extractor's own 2 MB default
+                // would otherwise refuse uploads under it.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/api/v1/status", get(meta::status).route_layer(slot()));
     Router::new()
@@ -117,9 +119,10 @@ async fn json_errors(req: Request, next: Next) -> Response {
         text.unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string())
     };
     let mut out = detail_response(status, detail);
+    // `append`: a header given more than once (Vary, Set-Cookie) keeps every value.
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            out.headers_mut().insert(name.clone(), value.clone());
+            out.headers_mut().append(name.clone(), value.clone());
         }
     }
     out
