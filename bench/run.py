@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: the end-to-end benchmark of search-img, unattended, on 127.0.0.1.
 
-What it does (see README "Benchmarks"):
+What it does (see docs/performance.md, "Benchmarks"):
   1. starts SecantusDB (MongoDB wire protocol) with fresh storage, and an image server
      (`bench-load serve-images`) for photos made from scikit-image's sample photos;
   2. seeds one products collection of max(BENCH_SIZES) products; the 1,000-product
@@ -665,7 +665,7 @@ def fmt(v, digits=1):
 def tables(result):
     lines = []
     lines.append("| model | products | cache | idle RSS MB | start→healthy ms | first search ms "
-                 "(model load / sync / rank) | c=1 p50 / p95 / p99 ms | c=1 req/s | c=10 p50 / p95 / p99 ms "
+                 "(model load / pass / rank) | c=1 p50 / p95 / p99 ms | c=1 req/s | c=10 p50 / p95 / p99 ms "
                  "| c=10 req/s | errors | peak RSS MB (VmHWM / sampled) | < 512 MB |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for m in result["models"]:
@@ -680,7 +680,7 @@ def tables(result):
                 lines.append(
                     f"| {m['model']} | {int(size):,} | {cache} | {fmt(c['idle_rss_mb'])} | "
                     f"{fmt(c['health_ms'], 0)} | {fmt(c['first_search_ms'], 0)} "
-                    f"({fmt(fs('load'), 0)} / {fmt(fs('sync'), 0)} / {fmt(fs('rank'), 0)}) | "
+                    f"({fmt(fs('load'), 0)} / {fmt(fs('pass'), 0)} / {fmt(fs('rank'), 0)}) | "
                     f"{fmt(c1['p50_ms'])} / {fmt(c1['p95_ms'])} / "
                     f"{fmt(c1['p99_ms'])} | {fmt(c1['rps'])} | {fmt(c10['p50_ms'])} / "
                     f"{fmt(c10['p95_ms'])} / {fmt(c10['p99_ms'])} | {fmt(c10['rps'])} | {errs} | "
@@ -689,7 +689,7 @@ def tables(result):
     lines.append("")
     lines.append("Search time split at c=1 (medians from the service's Server-Timing header, ms):")
     lines.append("")
-    lines.append("| model | products | cache | total p50 | decode+preprocess | model | sync | "
+    lines.append("| model | products | cache | total p50 | decode+preprocess | model | pass | "
                  "rank (incl. DB read) | join (DB) | other (HTTP, queueing) |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for m in result["models"]:
@@ -702,7 +702,7 @@ def tables(result):
                 other = c1["p50_ms"] - total if total is not None else None
                 lines.append(
                     f"| {m['model']} | {int(size):,} | {cache} | {fmt(c1['p50_ms'])} | "
-                    f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('sync'))} | "
+                    f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('pass'))} | "
                     f"{fmt(g('rank'))} | {fmt(g('join'))} | {fmt(other)} |")
     lines.append("")
     lines.append(f"Bare ONNX Runtime (Python, same file, {THREADS} threads, medians; run "

@@ -8,6 +8,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::Collection;
 use serde_json::{Map, Value};
 
+use crate::config::CatalogSettings;
 use crate::store::ProductId;
 
 /// A searchable product: its id and the image its embedding is made from.
@@ -25,11 +26,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(coll: Collection<Document>, fields: Vec<String>, max_products: usize) -> Self {
+    pub fn new(coll: Collection<Document>, settings: &CatalogSettings) -> Self {
         Self {
             coll,
-            fields,
-            max_products,
+            fields: settings.product_fields.clone(),
+            max_products: settings.max_products,
         }
     }
 

@@ -42,23 +42,40 @@ pub enum ModelError {
     Load { path: String, reason: String },
     #[error("preprocessor config {path}: {reason}")]
     Preprocessor { path: String, reason: String },
+    /// The blocking task loading the model panicked or was cancelled.
+    #[error("the model loading task failed: {0}")]
+    LoadTask(String),
     #[error("inference failed: {0}")]
     Inference(String),
 }
 
-/// What a handler can fail with (cloneable: one index pass's outcome goes to every
-/// request waiting for it).
+/// MongoDB could not be used (the shop's catalogue or our embeddings).
 #[derive(Clone, Debug, thiserror::Error)]
+pub enum DatabaseError {
+    /// The background ping says MongoDB is unreachable (see `dbwatch`).
+    #[error("{0}")]
+    Down(String),
+    #[error(transparent)]
+    Driver(#[from] mongodb::error::Error),
+    /// The server accepted a write command but refused (part of) it.
+    #[error("{0}")]
+    Write(String),
+}
+
+/// What a handler can fail with. The variants named after an HTTP status answer with it;
+/// the others take theirs from their cause (`status`).
+#[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// 400: a request the HTTP layer cannot read (e.g. a broken multipart body).
     #[error("{0}")]
     BadRequest(String),
-    /// A parameter out of its bounds or of the wrong type (FastAPI answered these 422).
+    /// 422: a parameter out of its bounds or of the wrong type (as FastAPI answered).
     #[error("{0}")]
-    Invalid(String),
-    /// A protected endpoint called without credentials (401).
+    Unprocessable(String),
+    /// 401: a protected endpoint called without credentials.
     #[error("{0}")]
     Unauthorized(String),
-    /// A protected endpoint called with the wrong credentials (403).
+    /// 403: a protected endpoint called with the wrong credentials.
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -68,24 +85,41 @@ pub enum AppError {
     #[error("the model is not available: {0}")]
     Model(#[from] ModelError),
     #[error("the database is unavailable: {0}")]
-    Database(String),
+    Database(#[from] DatabaseError),
+    /// An index pass the request waited for failed (shared by every waiter).
+    #[error("the index pass failed: {0}")]
+    Pass(#[from] std::sync::Arc<crate::indexer::PassError>),
+    /// 503: no capacity left (request slots, body memory).
     #[error("the server is busy; try again shortly")]
     Overloaded,
+    /// 500: a bug or a failed task of ours.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl From<mongodb::error::Error> for AppError {
     fn from(e: mongodb::error::Error) -> Self {
-        AppError::Database(e.to_string())
+        AppError::Database(e.into())
+    }
+}
+
+impl From<crate::encoder::EmbedError> for AppError {
+    fn from(e: crate::encoder::EmbedError) -> Self {
+        use crate::encoder::EmbedError;
+        match e {
+            EmbedError::Image(e) => e.into(),
+            EmbedError::Model(e) => e.into(),
+            EmbedError::Busy => AppError::Overloaded,
+        }
     }
 }
 
 impl AppError {
     pub fn status(&self) -> StatusCode {
+        use crate::indexer::PassError;
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Image(ImageError::UnsupportedFormat | ImageError::UnsupportedFeature(_)) => {
@@ -99,6 +133,10 @@ impl AppError {
             AppError::Fetch(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::Model(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Pass(e) => match **e {
+                PassError::Database(_) | PassError::Model(_) => StatusCode::SERVICE_UNAVAILABLE,
+                PassError::Panicked(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -106,9 +144,16 @@ impl AppError {
 
     /// The message a client sees.
     pub fn detail(&self) -> String {
+        use crate::indexer::PassError;
+        const DATABASE_DOWN: &str = "the database is unavailable; try again shortly";
         match self {
             AppError::Fetch(e) => format!("could not fetch the image: {e}"),
-            AppError::Database(_) => "the database is unavailable; try again shortly".into(),
+            AppError::Database(_) => DATABASE_DOWN.into(),
+            AppError::Pass(e) => match &**e {
+                PassError::Database(_) => DATABASE_DOWN.into(),
+                PassError::Model(m) => format!("the model is not available: {m}"),
+                PassError::Panicked(_) => "internal server error".into(),
+            },
             AppError::Internal(_) => "internal server error".into(),
             other => other.to_string(),
         }

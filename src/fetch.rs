@@ -6,16 +6,16 @@
 //!   crate, so every odd spelling of an address (`http://2130706433/`, `0177.0.0.1`,
 //!   `0x7f.1`, `127.1`, `good.com@127.0.0.1`, bracketed IPv6, ...) is seen as the address
 //!   it really is;
-//! * unless [`FetchConfig::allow_private_hosts`] is set, no connection is ever opened to a
+//! * unless [`FetchSettings::allow_private_hosts`] is set, no connection is ever opened to a
 //!   loopback, private, link-local, shared, multicast, reserved or otherwise special
 //!   address ([`is_forbidden_ip`]). IP-literal hosts are checked before the request and on
 //!   every redirect hop; host names are resolved by [`GuardedResolver`], which hands the
 //!   HTTP client only addresses that passed the check, so the connection goes to exactly
 //!   the address that was checked (no DNS rebinding window);
 //! * environment proxies are ignored, redirects are limited and checked hop by hop;
-//! * the body is capped at [`FetchConfig::max_bytes`] (early from `Content-Length`, and
+//! * the body is capped at [`FetchSettings::max_bytes`] (early from `Content-Length`, and
 //!   while streaming), and the whole exchange, body included, is bounded by
-//!   [`FetchConfig::total_timeout`].
+//!   [`FetchSettings::total_timeout`].
 //!
 //! Errors are [`FetchError`]s whose `Display` texts are written for the person who sent
 //! the URL.
@@ -24,7 +24,6 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -41,33 +40,7 @@ pub const MAX_URL_LEN: usize = 8 * 1024;
 /// promise, not bytes in hand.
 const MAX_PREALLOC: usize = 1024 * 1024;
 
-/// Settings of a [`Fetcher`].
-#[derive(Clone, Debug)]
-pub struct FetchConfig {
-    /// Allow loopback, private and other special addresses. `false` by default; only
-    /// tests (serving from 127.0.0.1) and trusted set-ups should turn it on.
-    pub allow_private_hosts: bool,
-    /// Time allowed for resolving the host and establishing the connection. Default 5 s.
-    pub connect_timeout: Duration,
-    /// Time allowed for the whole fetch, redirects and body included. Default 20 s.
-    pub total_timeout: Duration,
-    /// Largest body accepted, in bytes. Default 10 MiB.
-    pub max_bytes: usize,
-    /// Largest number of redirects followed. Default 5.
-    pub max_redirects: usize,
-}
-
-impl Default for FetchConfig {
-    fn default() -> Self {
-        Self {
-            allow_private_hosts: false,
-            connect_timeout: Duration::from_secs(5),
-            total_timeout: Duration::from_secs(20),
-            max_bytes: 10 * 1024 * 1024,
-            max_redirects: 5,
-        }
-    }
-}
+pub use crate::config::FetchSettings;
 
 /// Why a fetch failed. The `Display` texts are meant for the sender of the URL.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -372,7 +345,7 @@ impl Resolve for GuardedResolver {
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
-    cfg: Arc<FetchConfig>,
+    cfg: Arc<FetchSettings>,
 }
 
 impl fmt::Debug for Fetcher {
@@ -383,7 +356,7 @@ impl fmt::Debug for Fetcher {
 
 impl Fetcher {
     /// Builds the HTTP client for `cfg`.
-    pub fn new(cfg: FetchConfig) -> Result<Self, FetchError> {
+    pub fn new(cfg: FetchSettings) -> Result<Self, FetchError> {
         let allow = cfg.allow_private_hosts;
         let max_redirects = cfg.max_redirects;
         let policy = redirect::Policy::custom(move |attempt| {
@@ -423,7 +396,7 @@ impl Fetcher {
     }
 
     /// The configuration this fetcher was built with.
-    pub fn config(&self) -> &FetchConfig {
+    pub fn config(&self) -> &FetchSettings {
         &self.cfg
     }
 
@@ -525,6 +498,7 @@ fn map_reqwest_error(e: reqwest::Error) -> FetchError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("test address parses")
@@ -815,7 +789,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = FetchConfig::default();
+        let c = FetchSettings::default();
         assert!(!c.allow_private_hosts);
         assert_eq!(c.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.total_timeout, Duration::from_secs(20));

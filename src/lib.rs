@@ -7,12 +7,15 @@
 pub mod catalog;
 pub mod config;
 pub mod dbwatch;
+pub mod embedder;
 pub mod encoder;
 pub mod error;
 pub mod fetch;
 pub mod http;
-pub mod index;
+pub mod indexer;
 pub mod monitor;
 pub mod rank;
+pub mod search;
 pub mod service;
 pub mod store;
+pub mod vectors;

@@ -83,7 +83,7 @@ async fn index() -> anyhow::Result<()> {
         );
         let _ = std::io::stderr().flush();
     });
-    let report = state.refresh_with_progress(progress).await?;
+    let report = state.indexer().pass_now_with_progress(progress).await?;
     eprintln!();
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

@@ -15,7 +15,7 @@ use mongodb::bson::{
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, Cursor, Database, IndexModel};
 
-use crate::error::AppError;
+use crate::error::DatabaseError;
 
 /// A product `_id` that can key a map. Mongoose ids are ObjectIds; anything else is kept
 /// as its BSON value with its extended-JSON text as the key.
@@ -186,7 +186,7 @@ impl EmbeddingStore {
         &self,
         items: &[(&ProductId, &str, &[f32])],
         model: &str,
-    ) -> Result<DateTime, AppError> {
+    ) -> Result<DateTime, DatabaseError> {
         let now = DateTime::now();
         if items.is_empty() {
             return Ok(now);
@@ -216,7 +216,8 @@ impl EmbeddingStore {
         };
         // The URI's write concern (`w=majority`...), which `run_command` does not add.
         if let Some(wc) = self.coll.write_concern() {
-            let wc = bson::to_document(wc).map_err(|e| AppError::Internal(e.to_string()))?;
+            let wc = bson::to_document(wc)
+                .map_err(|e| DatabaseError::Write(format!("the URI's write concern: {e}")))?;
             if !wc.is_empty() {
                 cmd.insert("writeConcern", wc);
             }
@@ -224,7 +225,7 @@ impl EmbeddingStore {
         let reply = self.db.run_command(cmd).await?;
         if let Ok(errors) = reply.get_array("writeErrors") {
             if let Some(Bson::Document(first)) = errors.first() {
-                return Err(AppError::Database(format!(
+                return Err(DatabaseError::Write(format!(
                     "storing {} embeddings: {} failed, first: {}",
                     items.len(),
                     errors.len(),
@@ -233,7 +234,7 @@ impl EmbeddingStore {
             }
         }
         if let Ok(wce) = reply.get_document("writeConcernError") {
-            return Err(AppError::Database(format!(
+            return Err(DatabaseError::Write(format!(
                 "storing embeddings: write concern: {}",
                 wce.get_str("errmsg").unwrap_or("unknown error")
             )));

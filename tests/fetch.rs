@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
-use search_img::fetch::{check_url, parse_url, FetchConfig, FetchError, Fetcher};
+use search_img::fetch::{check_url, parse_url, FetchError, FetchSettings, Fetcher};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -138,8 +138,8 @@ async fn start_server() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, hits)
 }
 
-fn private_cfg() -> FetchConfig {
-    FetchConfig {
+fn private_cfg() -> FetchSettings {
+    FetchSettings {
         allow_private_hosts: true,
         connect_timeout: Duration::from_secs(2),
         total_timeout: Duration::from_secs(5),
@@ -148,7 +148,7 @@ fn private_cfg() -> FetchConfig {
     }
 }
 
-fn fetcher(cfg: FetchConfig) -> Fetcher {
+fn fetcher(cfg: FetchSettings) -> Fetcher {
     Fetcher::new(cfg).expect("fetcher builds")
 }
 
@@ -181,7 +181,7 @@ async fn fetch_ok_returns_body() {
         assert_eq!(&body[..], &[9u8; 400][..]);
 
         // Exactly at the cap is accepted.
-        let exact = fetcher(FetchConfig {
+        let exact = fetcher(FetchSettings {
             max_bytes: IMG_LEN,
             ..private_cfg()
         });
@@ -242,7 +242,7 @@ async fn too_large_with_content_length() {
     }
     bounded(async {
         let (addr, _) = start_server().await;
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             max_bytes: 1024,
             ..private_cfg()
         });
@@ -260,7 +260,7 @@ async fn too_large_chunked_without_content_length() {
     }
     bounded(async {
         let (addr, _) = start_server().await;
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             max_bytes: 4096,
             ..private_cfg()
         });
@@ -318,7 +318,7 @@ async fn endless_chunked_body_is_cut_off_early() {
             let _ = tx.send((written, hung_up));
         });
 
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             max_bytes: 64 * 1024,
             ..private_cfg()
         });
@@ -358,7 +358,7 @@ async fn declared_too_large_is_refused_without_reading_body() {
             let _ = sock.write_all(head).await;
             tokio::time::sleep(Duration::from_secs(10)).await;
         });
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             max_bytes: 1024,
             ..private_cfg()
         });
@@ -377,7 +377,7 @@ async fn slow_server_times_out() {
     }
     bounded(async {
         let (addr, _) = start_server().await;
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             total_timeout: Duration::from_millis(500),
             ..private_cfg()
         });
@@ -401,7 +401,7 @@ async fn trickling_body_times_out() {
     }
     bounded(async {
         let (addr, _) = start_server().await;
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             total_timeout: Duration::from_millis(700),
             ..private_cfg()
         });
@@ -435,7 +435,7 @@ async fn silent_server_times_out() {
                 drop(sock);
             }
         });
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             total_timeout: Duration::from_millis(500),
             ..private_cfg()
         });
@@ -533,7 +533,7 @@ async fn too_many_redirects() {
         let err = f.fetch(&format!("http://{addr}/loop")).await.unwrap_err();
         assert_eq!(err, FetchError::TooManyRedirects);
 
-        let none = fetcher(FetchConfig {
+        let none = fetcher(FetchSettings {
             max_redirects: 0,
             ..private_cfg()
         });
@@ -615,11 +615,11 @@ async fn refuses_loopback_hosts() {
             }
         });
         let port = addr.port();
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             allow_private_hosts: false,
             connect_timeout: Duration::from_secs(1),
             total_timeout: Duration::from_secs(3),
-            ..FetchConfig::default()
+            ..FetchSettings::default()
         });
         for url in [
             format!("http://127.0.0.1:{port}/"),
@@ -657,11 +657,11 @@ async fn refuses_forbidden_hosts_before_connecting() {
         return;
     }
     bounded(async {
-        let f = fetcher(FetchConfig {
+        let f = fetcher(FetchSettings {
             allow_private_hosts: false,
             connect_timeout: Duration::from_secs(1),
             total_timeout: Duration::from_secs(3),
-            ..FetchConfig::default()
+            ..FetchSettings::default()
         });
         for url in [
             "http://127.0.0.1/",

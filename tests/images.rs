@@ -1131,13 +1131,13 @@ async fn a_slow_decode_is_answered_at_its_deadline() {
     // Answered without waiting for the decode, which still holds its slot; a search
     // meanwhile waits for the slot and then works.
     assert_eq!(
-        app.state.decode.available(),
+        app.state.embedder().decode_slots_free(),
         0,
         "the decode still holds its slot"
     );
     let ((code, body), ended) =
         tokio::join!(app.search_upload(fixture("lossy.webp"), "top_k=1"), async {
-            while app.state.decode.available() == 0 {
+            while app.state.embedder().decode_slots_free() == 0 {
                 assert!(
                     t.elapsed() < Duration::from_secs(300),
                     "the decode never ended"

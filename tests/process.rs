@@ -1069,18 +1069,7 @@ fn check_embeddings(
 }
 
 async fn embedding_docs(mongo: &MongoServer) -> Vec<Document> {
-    use futures::TryStreamExt;
-    mongo
-        .client()
-        .await
-        .database("test")
-        .collection::<Document>("product_embeddings")
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
+    common::mongo::embedding_docs(&mongo.client().await.database("test"), doc! {}).await
 }
 
 /// SIGKILL in the middle of indexing a catalogue of 200 products: every embedding stored
@@ -1118,11 +1107,8 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
             ("INDEX_FETCH_CONCURRENCY", "4"),
         ],
     );
-    let encoder =
-        search_img::encoder::Encoder::load(&search_img::encoder::EncoderOptions::from_config(
-            &search_img::config::Config::from_vars(vars.clone()).unwrap(),
-        ))
-        .unwrap();
+    let config = search_img::config::Config::from_vars(vars.clone()).unwrap();
+    let encoder = search_img::encoder::Encoder::load(&config.embedder.encoder).unwrap();
     let key = encoder.identity().key();
     // Left from before, for the last products of the catalogue (so still there at the
     // kill): vectors of another model, and of the products' previous photos.

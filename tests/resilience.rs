@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::app::{product_doc, TestApp, CATALOGUE};
 use common::*;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::doc;
 use serde_json::Value;
 
 /// Panics raised outside the tests' own code (in the service or its dependencies).
@@ -278,9 +278,7 @@ fn crops(n: usize) -> Vec<Vec<u8>> {
 }
 
 async fn count_current(app: &TestApp) -> u64 {
-    app.state
-        .db
-        .collection::<Document>("product_embeddings")
+    app.embeddings()
         .count_documents(doc! { "status": "ok" })
         .await
         .unwrap()
@@ -364,18 +362,7 @@ async fn mongodb_stopped_during_indexing_then_the_next_pass_completes_it() {
          the next pass embedded {}",
         report["embedded"]
     );
-    let docs: Vec<Document> = {
-        use futures::TryStreamExt;
-        app.state
-            .db
-            .collection::<Document>("product_embeddings")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let docs = app.embedding_docs(doc! {}).await;
     assert_eq!(docs.len(), total);
     for d in &docs {
         for f in [
@@ -420,7 +407,7 @@ async fn failing_image_hosts_are_skipped_then_retried_later() {
     ])
     .await;
     // The good products first, so only the failing hosts are in question below.
-    app.state.refresh().await.unwrap();
+    app.state.indexer().pass_now().await.unwrap();
     let down_port = closed_port();
     let down_url = format!("http://127.0.0.1:{down_port}/down.jpg");
     let bad: Vec<(&str, String)> = vec![
@@ -518,7 +505,7 @@ async fn failing_image_hosts_are_skipped_then_retried_later() {
 async fn a_slow_image_host_does_not_hold_up_searches() {
     record_panics();
     let app = start(&[("SEARCH_SYNC_WAIT_SECS", "1"), ("FETCH_TIMEOUT_SECS", "20")]).await;
-    app.state.refresh().await.unwrap();
+    app.state.indexer().pass_now().await.unwrap();
     app.images
         .put("late.jpg", jpeg(&photo("astronaut.png"), 80));
     let delay = Duration::from_secs(6);
@@ -568,7 +555,7 @@ async fn a_slow_image_host_does_not_hold_up_searches() {
 async fn refused_uploads_get_their_answer_not_a_broken_connection() {
     record_panics();
     let app = start(&[("MAX_CONCURRENT_REQUESTS", "1")]).await;
-    app.state.refresh().await.unwrap();
+    app.state.indexer().pass_now().await.unwrap();
     app.images.put("slow.jpg", jpeg(&photo("coffee.png"), 80));
     app.images.delay("slow.jpg", Duration::from_secs(4));
     let slow_url = app.images.url("slow.jpg");

@@ -294,9 +294,7 @@ async fn embeddings_are_computed_once_kept_across_restarts_and_follow_the_catalo
     let (_, body) = app.search_upload(q.clone(), "top_k=50&threshold=0").await;
     assert!(!app.names(&body).contains(&"Rocket model".to_string()));
     let stored: Document = app
-        .state
-        .db
-        .collection::<Document>("product_embeddings")
+        .embeddings()
         .find_one(doc! { "_id": rocket })
         .await
         .unwrap()
@@ -364,9 +362,7 @@ async fn broken_product_images_are_skipped_reported_and_retried_later() {
     let an_hour_ago = mongodb::bson::DateTime::from_millis(
         mongodb::bson::DateTime::now().timestamp_millis() - 3_601_000,
     );
-    app.state
-        .db
-        .collection::<Document>("product_embeddings")
+    app.embeddings()
         .update_many(
             doc! { "status": "failed" },
             doc! { "$set": { "updated_at": an_hour_ago } },
@@ -387,8 +383,8 @@ async fn broken_product_images_are_skipped_reported_and_retried_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_changes() {
     let app = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
-    app.state.refresh().await.unwrap();
-    let embeddings = app.state.db.collection::<Document>("product_embeddings");
+    app.state.indexer().pass_now().await.unwrap();
+    let embeddings = app.embeddings();
     // While no cached service runs: a product is deleted, one gets a new photo, and one
     // holds another model's vector while its photo is now broken.
     let products = app.products();
@@ -423,13 +419,13 @@ async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_
 
     // No periodic reconciling with the store: the pass alone must keep the cache right.
     let cached = cached_twin(&app, "3600").await;
-    let names = |r: &[search_img::service::SearchResult]| -> Vec<String> {
+    let names = |r: &[search_img::search::SearchResult]| -> Vec<String> {
         r.iter()
             .map(|x| x.product["productName"].as_str().unwrap().to_string())
             .collect()
     };
     let query = bytes::Bytes::from(photo_bytes("motorcycle_right.png"));
-    let first = cached.search_bytes(query.clone(), 50, 0.0).await.unwrap();
+    let first = search_all(&cached, query.clone()).await;
     let first = names(&first);
     assert_eq!(first[0], "Cat figurine", "the new photo: {first:?}");
     assert!(!first.contains(&"Rocket model".to_string()), "{first:?}");
@@ -439,11 +435,7 @@ async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_
         cached.status().await.unwrap().cached_vectors,
         CATALOGUE.len() - 2
     );
-    let streamed = app
-        .state
-        .search_bytes(query.clone(), 50, 0.0)
-        .await
-        .unwrap();
+    let streamed = search_all(&app.state, query.clone()).await;
     assert_eq!(names(&streamed), first, "both modes agree");
 
     // A cached product whose photo breaks leaves the cache with the pass that records it.
@@ -454,13 +446,13 @@ async fn a_cached_services_first_pass_loads_only_usable_vectors_and_applies_its_
         )
         .await
         .unwrap();
-    let r = names(&cached.search_bytes(query.clone(), 50, 0.0).await.unwrap());
+    let r = names(&search_all(&cached, query.clone()).await);
     assert!(!r.contains(&"Galaxy print".to_string()), "{r:?}");
     assert_eq!(
         cached.status().await.unwrap().cached_vectors,
         CATALOGUE.len() - 3
     );
-    let streamed = app.state.search_bytes(query, 50, 0.0).await.unwrap();
+    let streamed = search_all(&app.state, query).await;
     assert_eq!(names(&streamed), r, "both modes agree");
 }
 
@@ -479,12 +471,8 @@ async fn cached_and_streamed_ranking_return_identical_results() {
     ];
     for q in queries {
         let bytes = bytes::Bytes::from(jpeg(&photo(q), 75));
-        let a = streamed
-            .state
-            .search_bytes(bytes.clone(), 50, 0.0)
-            .await
-            .unwrap();
-        let b = cached_state.search_bytes(bytes, 50, 0.0).await.unwrap();
+        let a = search_all(&streamed.state, bytes.clone()).await;
+        let b = search_all(&cached_state, bytes).await;
         assert_eq!(a.len(), b.len(), "{q}");
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.product, y.product, "{q}");
@@ -499,11 +487,8 @@ async fn cached_and_streamed_ranking_return_identical_results() {
         .delete_one(doc! { "_id": coffee })
         .await
         .unwrap();
-    streamed.state.refresh().await.unwrap();
-    let r = cached_state
-        .search_bytes(photo_bytes("coffee.png").into(), 50, 0.0)
-        .await
-        .unwrap();
+    streamed.state.indexer().pass_now().await.unwrap();
+    let r = search_all(&cached_state, photo_bytes("coffee.png").into()).await;
     assert!(r.iter().all(|x| x.product["productName"] != "Espresso cup"));
     assert_eq!(
         cached_state.status().await.unwrap().cached_vectors,
@@ -684,4 +669,16 @@ async fn products_deleted_since_the_last_pass_give_way_to_the_next_best() {
             assert_eq!(got["rank"], i + 1);
         }
     }
+}
+
+/// Every product a search by `bytes` finds (top 50, no threshold), in-process.
+async fn search_all(
+    state: &search_img::service::AppState,
+    bytes: bytes::Bytes,
+) -> Vec<search_img::search::SearchResult> {
+    let everything = search_img::vectors::RankQuery {
+        top_k: 50,
+        threshold: 0.0,
+    };
+    state.search().by_bytes(bytes, &everything).await.unwrap().0
 }

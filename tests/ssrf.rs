@@ -249,17 +249,9 @@ async fn private_product_images_are_recorded_as_failed_not_fetched() {
     assert_eq!(status["failed_products"], all, "{status}");
     assert_eq!(status["products_with_features"], 0, "{status}");
     // The reason is stored with each failure.
-    let failures: Vec<mongodb::bson::Document> = {
-        use futures::TryStreamExt;
-        app.state
-            .db
-            .collection::<mongodb::bson::Document>("product_embeddings")
-            .find(mongodb::bson::doc! { "status": "failed" })
+    let failures = {
+        app.embedding_docs(mongodb::bson::doc! { "status": "failed" })
             .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
     };
     assert_eq!(failures.len(), all);
     let text = format!("{failures:?}");

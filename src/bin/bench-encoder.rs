@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         ("ORT_OPTIMIZATION".to_string(), args.optimization.clone()),
         ("ORT_PREPACKING".to_string(), args.prepacking.clone()),
     ])?;
-    let from_cfg = SessionSettings::from_config(&cfg);
+    let from_cfg = cfg.embedder.encoder.session;
     let settings = SessionSettings {
         intra_threads: args.threads,
         memory_arena: args.arena,

@@ -1031,7 +1031,10 @@ async fn cursor(
         }
         // The service's default PRODUCT_FIELDS, as its join projects them.
         let mut projection = Document::new();
-        for f in search_img::config::Config::defaults().product_fields {
+        for f in search_img::config::Config::defaults()
+            .catalog
+            .product_fields
+        {
             projection.insert(f, 1);
         }
         for run in 0..=runs * 3 {

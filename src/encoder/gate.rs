@@ -20,8 +20,8 @@ use std::time::Duration;
 use ndarray::Array3;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Encoder;
-use crate::error::{AppError, ImageError};
+use super::{EmbedError, Encoder};
+use crate::error::ImageError;
 
 /// Decodes judged at least this costly return the heap's free memory to the OS first
 /// (a malloc_trim takes well under a millisecond; such a decode takes hundreds).
@@ -71,19 +71,19 @@ impl DecodeGate {
         &self,
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
-    ) -> Result<Array3<f32>, AppError> {
+    ) -> Result<Array3<f32>, EmbedError> {
         self.slot().await?.prepare(encoder, bytes).await
     }
 
     /// Waits for a free slot. Not part of the deadline: a busy server is not the image's
     /// fault (the request timeout bounds this wait).
-    pub async fn slot(&self) -> Result<DecodeSlot, AppError> {
+    pub async fn slot(&self) -> Result<DecodeSlot, EmbedError> {
         let permit = self
             .slots
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| AppError::Overloaded)?;
+            .map_err(|_| EmbedError::Busy)?;
         Ok(DecodeSlot {
             permit,
             memory: self.memory.clone(),
@@ -107,7 +107,7 @@ impl DecodeSlot {
         self,
         encoder: &Arc<Encoder>,
         bytes: bytes::Bytes,
-    ) -> Result<Array3<f32>, AppError> {
+    ) -> Result<Array3<f32>, EmbedError> {
         let Self {
             permit,
             memory,
@@ -133,7 +133,7 @@ impl DecodeSlot {
             .kib
             .acquire_many_owned(kib)
             .await
-            .map_err(|_| AppError::Overloaded)?;
+            .map_err(|_| EmbedError::Busy)?;
         let enc = encoder.clone();
         let decode = tokio::task::spawn_blocking(move || {
             let _slot = (permit, held);

@@ -40,7 +40,7 @@ impl LazyEncoder {
                 let start = Instant::now();
                 let encoder = tokio::task::spawn_blocking(move || Encoder::load(&opts))
                     .await
-                    .map_err(|e| ModelError::Inference(format!("model loading task failed: {e}")))?;
+                    .map_err(|e| ModelError::LoadTask(e.to_string()))?;
                 match encoder {
                     Ok(enc) => {
                         let id = enc.identity();

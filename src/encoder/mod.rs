@@ -49,42 +49,7 @@ impl ModelIdentity {
     }
 }
 
-/// Where to find a model and how to run it.
-#[derive(Clone, Debug)]
-pub struct EncoderOptions {
-    pub model_path: PathBuf,
-    /// Reported name; default: the model's folder name.
-    pub name: Option<String>,
-    pub session: SessionSettings,
-    pub limits: DecodeLimits,
-    /// ONNX Runtime library (default: found where `make setup` puts it).
-    pub dylib: Option<PathBuf>,
-}
-
-impl EncoderOptions {
-    pub fn new(model_path: impl Into<PathBuf>) -> Self {
-        Self {
-            model_path: model_path.into(),
-            name: None,
-            session: SessionSettings::default(),
-            limits: DecodeLimits::default(),
-            dylib: None,
-        }
-    }
-
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        Self {
-            model_path: cfg.model_path.clone(),
-            name: cfg.model_name.clone(),
-            session: SessionSettings::from_config(cfg),
-            limits: DecodeLimits {
-                max_bytes: cfg.max_image_bytes,
-                max_pixels: cfg.max_image_pixels,
-            },
-            dylib: cfg.ort_dylib_path.clone(),
-        }
-    }
-}
+pub use crate::config::EncoderOptions;
 
 /// A loaded model. Runs are serialised by a mutex: one session with all cores is both
 /// the fastest and the smallest way to run a CPU model, and callers bound concurrency.
@@ -260,6 +225,9 @@ pub enum EmbedError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A gate in front of decoding or the model was closed (the service is stopping).
+    #[error("the server is busy; try again shortly")]
+    Busy,
 }
 
 /// `image_embeds` if the model has it, else the first 2-D float output.

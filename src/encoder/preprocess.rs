@@ -303,21 +303,7 @@ fn round_half_even(v: f64) -> u32 {
     r as u32
 }
 
-/// Limits for decoding untrusted bytes.
-#[derive(Clone, Copy, Debug)]
-pub struct DecodeLimits {
-    pub max_bytes: usize,
-    pub max_pixels: u64,
-}
-
-impl Default for DecodeLimits {
-    fn default() -> Self {
-        Self {
-            max_bytes: 10 * 1024 * 1024,
-            max_pixels: 25_000_000,
-        }
-    }
-}
+pub use crate::config::DecodeLimits;
 
 /// Decodes untrusted bytes into an upright RGB image at full size.
 pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageError> {

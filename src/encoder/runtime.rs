@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
-use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 
-use crate::config::{Config, Prepacking};
 use crate::error::ModelError;
 
 /// `ORT_PREPACKING=auto` prepacks models whose file is at most this size. Prepacking
@@ -19,48 +18,9 @@ use crate::error::ModelError;
 /// between the int8 and fp32 files with room on both sides.
 pub const PREPACK_AUTO_MAX_BYTES: u64 = 128 * 1024 * 1024;
 
-/// Session options, from configuration. Defaults were chosen by measurement
-/// (see the README's memory section): prepacking only for small model files (see
-/// `PREPACK_AUTO_MAX_BYTES`) keeps peak memory of ViT-B/32 fp32 well under 512 MB and
-/// the int8 model fast; the arena (on) reuses activation memory, where malloc without it
-/// kept much more (see `Config::ort_memory_arena`).
-#[derive(Clone, Debug)]
-pub struct SessionSettings {
-    /// Intra-op threads; 0 = one per available core.
-    pub intra_threads: usize,
-    pub memory_arena: bool,
-    /// Resolved per model file by `prepacking_for`.
-    pub prepacking: Prepacking,
-    /// Intra-op threads spin-wait for work (ONNX Runtime's default) or sleep.
-    pub allow_spinning: bool,
-    /// Spinning ends when a run returns (`session.force_spinning_stop`).
-    pub stop_spinning_after_run: bool,
-    pub optimization: GraphOptimizationLevel,
-}
-
-impl Default for SessionSettings {
-    fn default() -> Self {
-        Self::from_config(&Config::defaults())
-    }
-}
+pub use crate::config::{Prepacking, SessionSettings};
 
 impl SessionSettings {
-    pub fn from_config(cfg: &Config) -> Self {
-        Self {
-            intra_threads: cfg.ort_intra_threads,
-            memory_arena: cfg.ort_memory_arena,
-            prepacking: cfg.ort_prepacking,
-            allow_spinning: cfg.ort_allow_spinning,
-            stop_spinning_after_run: cfg.ort_stop_spinning_after_run,
-            optimization: match cfg.ort_optimization.as_str() {
-                "disable" => GraphOptimizationLevel::Disable,
-                "basic" => GraphOptimizationLevel::Level1,
-                "extended" => GraphOptimizationLevel::Level2,
-                _ => GraphOptimizationLevel::All,
-            },
-        }
-    }
-
     pub fn threads(&self) -> usize {
         if self.intra_threads > 0 {
             self.intra_threads

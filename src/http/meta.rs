@@ -31,9 +31,9 @@ pub async fn root() -> Json<serde_json::Value> {
 /// Never loads the model and never waits on MongoDB (see `dbwatch`): 503 while MongoDB
 /// is unreachable.
 pub async fn health(State(state): State<AppState>) -> Response {
-    let db = state.db_watch.status().await;
-    let model_loaded = state.encoder.loaded().is_some();
-    match db.result {
+    let health = state.health().await;
+    let model_loaded = health.model_loaded;
+    match health.database {
         Ok(()) => Json(json!({
             "status": "healthy",
             "message": "API is running",
@@ -61,20 +61,20 @@ pub async fn status(
     Ok(Json(state.status().await?))
 }
 
-/// Brings embeddings up to date (see `AppState::refresh`): 200 with the pass's report
+/// Brings embeddings up to date (see `Indexer::pass_now`): 200 with the pass's report
 /// when it ends within REQUEST_TIMEOUT_SECS, else 202 while it goes on (progress in
 /// `/api/v1/status`). With ADMIN_TOKEN set, only for `Authorization: Bearer <token>`.
 pub async fn refresh(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    authorize(state.config.admin_token.as_deref(), &headers)?;
+    authorize(state.http_settings().admin_token.as_deref(), &headers)?;
     // Answer a little before the request deadline, so the client gets the 202.
-    let timeout = state.config.request_timeout();
+    let timeout = state.http_settings().request_timeout;
     let wait = timeout
         .saturating_sub(timeout / 10)
         .max(Duration::from_millis(100));
-    match tokio::time::timeout(wait, state.refresh()).await {
+    match tokio::time::timeout(wait, state.indexer().pass_now()).await {
         Ok(r) => {
             let r = r?;
             Ok(Json(json!({
@@ -93,7 +93,7 @@ pub async fn refresh(
             StatusCode::ACCEPTED,
             Json(json!({
                 "message": "Refresh under way; it goes on in the background (see /api/v1/status)",
-                "index_pass": state.pass_progress(),
+                "index_pass": state.indexer().progress(),
             })),
         )
             .into_response()),

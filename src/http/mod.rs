@@ -1,4 +1,4 @@
-//! The HTTP layer: thin handlers over `service::AppState`, the old service's routes,
+//! The HTTP layer: thin handlers over `service::AppState`'s components, the old service's routes,
 //! CORS, request limits and graceful shutdown.
 
 mod body;
@@ -27,17 +27,18 @@ use crate::service::AppState;
 /// answer at once however busy the searches are. Request bodies are read in full before
 /// a request takes a slot (`body`), so a client still sending holds none.
 pub fn app(state: AppState) -> Router {
-    let cfg = &state.config;
+    let cfg = state.http_settings().clone();
+    let upload_limit = state.upload_limit();
     let limit = Limiter {
         slots: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
-        timeout: cfg.request_timeout(),
+        timeout: cfg.request_timeout,
     };
     let budget = Arc::new(Semaphore::new(cfg.max_body_buffer_bytes));
     let bodies = |limit: usize| body::BodyReader {
         limit,
         budget: budget.clone(),
         min_bytes_per_sec: cfg.min_body_bytes_per_sec,
-        timeout: cfg.request_timeout(),
+        timeout: cfg.request_timeout,
     };
     // Each route: its body read first (holding no slot), then a slot, then the handler.
     let slot = || middleware::from_fn_with_state(limit.clone(), limit_requests);
@@ -53,7 +54,7 @@ pub fn app(state: AppState) -> Router {
             "/api/v1/search/image",
             post(search::by_upload)
                 .route_layer(slot())
-                .route_layer(body_first(cfg.upload_limit()))
+                .route_layer(body_first(upload_limit))
                 // The limit is `body_first`'s; the multipart extractor's own 2 MB default
                 // would otherwise refuse uploads under it.
                 .layer(axum::extract::DefaultBodyLimit::disable()),
@@ -74,7 +75,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { detail_response(StatusCode::NOT_FOUND, "Not Found") })
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(
-            cfg.upload_limit(),
+            upload_limit,
             close_if_body_unread,
         ))
         .layer(cors(&cfg.cors_allow_origins))
@@ -278,7 +279,11 @@ fn cors(origins: &[String]) -> CorsLayer {
 /// Serves until SIGTERM/Ctrl-C, then stops accepting, lets requests in flight finish for
 /// up to SHUTDOWN_GRACE_SECS, and returns.
 pub async fn serve(state: AppState) -> anyhow::Result<()> {
-    let addr = format!("{}:{}", state.config.host, state.config.port);
+    let addr = format!(
+        "{}:{}",
+        state.http_settings().host,
+        state.http_settings().port
+    );
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (HOST/PORT): {e}"))?;
@@ -308,8 +313,11 @@ pub async fn serve_until(
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let grace = Duration::from_secs(state.config.shutdown_grace_secs);
-    let header_timeout = Duration::from_secs(state.config.header_read_timeout_secs.max(1));
+    let grace = state.http_settings().shutdown_grace;
+    let header_timeout = state
+        .http_settings()
+        .header_read_timeout
+        .max(Duration::from_secs(1));
     let app = app(state);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -11,15 +11,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{Map, Value};
 
-use crate::config::Config;
+use crate::config::SearchSettings;
 use crate::error::{AppError, ImageError};
-use crate::service::{AppState, SearchResult, SearchTimings};
+use crate::search::{SearchResult, Searched};
+use crate::service::AppState;
+use crate::vectors::RankQuery;
 
 /// The results, and where the time went as a `Server-Timing` header (browsers' developer
 /// tools show it; the benchmark reads it).
 type Results = Result<([(header::HeaderName, String); 1], Json<Vec<SearchResult>>), AppError>;
 
-fn timed((results, timings): (Vec<SearchResult>, SearchTimings)) -> Results {
+fn timed((results, timings): Searched) -> Results {
     Ok((
         [(
             header::HeaderName::from_static("server-timing"),
@@ -38,15 +40,11 @@ pub async fn by_url(
     body: Bytes,
 ) -> Results {
     let body = json_object(&headers, &body)?;
-    let params = SearchParams::parse(&state.config, &query_map(query)?, body.as_ref())?;
+    let params = SearchParams::parse(state.search_defaults(), &query_map(query)?, body.as_ref())?;
     let url = params
         .image_url
-        .ok_or_else(|| AppError::Invalid("image_url is required".into()))?;
-    timed(
-        state
-            .search_url_timed(&url, params.top_k, params.threshold)
-            .await?,
-    )
+        .ok_or_else(|| AppError::Unprocessable("image_url is required".into()))?;
+    timed(state.search().by_url(&url, &params.rank).await?)
 }
 
 /// `POST /api/v1/search/image?top_k=..&threshold=..`, multipart with the image in `file`.
@@ -55,33 +53,29 @@ pub async fn by_upload(
     query: QueryParams,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Results {
-    let params = SearchParams::parse(&state.config, &query_map(query)?, None)?;
+    let params = SearchParams::parse(state.search_defaults(), &query_map(query)?, None)?;
     let mut multipart = multipart.map_err(|e| {
-        AppError::Invalid(format!(
+        AppError::Unprocessable(format!(
             "send the image as multipart/form-data in the field `file` ({})",
             e.body_text()
         ))
     })?;
-    let bytes = read_file_field(&mut multipart, state.config.max_image_bytes).await?;
-    timed(
-        state
-            .search_bytes_timed(bytes, params.top_k, params.threshold)
-            .await?,
-    )
+    let bytes = read_file_field(&mut multipart, state.max_image_bytes()).await?;
+    timed(state.search().by_bytes(bytes, &params.rank).await?)
 }
 
 /// Validated search parameters.
 #[derive(Debug, PartialEq)]
 pub struct SearchParams {
     pub image_url: Option<String>,
-    pub top_k: usize,
-    pub threshold: f32,
+    /// What the vector index is asked for.
+    pub rank: RankQuery,
 }
 
 impl SearchParams {
     /// Merges query parameters and (optionally) a JSON object; the body wins.
     fn parse(
-        cfg: &Config,
+        cfg: &SearchSettings,
         query: &HashMap<String, String>,
         body: Option<&Map<String, Value>>,
     ) -> Result<Self, AppError> {
@@ -89,7 +83,8 @@ impl SearchParams {
             body.and_then(|b| b.get(name).filter(|v| !v.is_null()).cloned())
                 .or_else(|| query.get(name).map(|s| Value::String(s.clone())))
         };
-        let invalid = |what: &str, v: &Value| AppError::Invalid(format!("{what}, got {}", show(v)));
+        let invalid =
+            |what: &str, v: &Value| AppError::Unprocessable(format!("{what}, got {}", show(v)));
         let top_k = match get("top_k") {
             None => cfg.top_k,
             Some(v) => match number(&v).filter(|n| n.fract() == 0.0) {
@@ -111,8 +106,7 @@ impl SearchParams {
         };
         Ok(Self {
             image_url,
-            top_k,
-            threshold,
+            rank: RankQuery { top_k, threshold },
         })
     }
 }
@@ -134,7 +128,7 @@ fn show(v: &Value) -> String {
 
 fn query_map(q: QueryParams) -> Result<HashMap<String, String>, AppError> {
     q.map(|Query(m)| m)
-        .map_err(|e| AppError::Invalid(format!("invalid query string: {}", e.body_text())))
+        .map_err(|e| AppError::Unprocessable(format!("invalid query string: {}", e.body_text())))
 }
 
 /// The JSON object body of `/search/url`, if there is a body.
@@ -147,14 +141,16 @@ fn json_object(headers: &HeaderMap, body: &[u8]) -> Result<Option<Map<String, Va
         .and_then(|v| v.to_str().ok())
         .is_none_or(|ct| ct.contains("json"));
     if !is_json {
-        return Err(AppError::Invalid(
+        return Err(AppError::Unprocessable(
             "send the parameters as query parameters or as a JSON body".into(),
         ));
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(Some(m)),
-        Ok(_) => Err(AppError::Invalid("the JSON body must be an object".into())),
-        Err(e) => Err(AppError::Invalid(format!(
+        Ok(_) => Err(AppError::Unprocessable(
+            "the JSON body must be an object".into(),
+        )),
+        Err(e) => Err(AppError::Unprocessable(format!(
             "the JSON body is not valid JSON: {e}"
         ))),
     }
@@ -182,7 +178,7 @@ async fn read_file_field(multipart: &mut Multipart, max: usize) -> Result<Bytes,
         }
         return Ok(buf.freeze());
     }
-    Err(AppError::Invalid(
+    Err(AppError::Unprocessable(
         "the multipart body has no field `file`".into(),
     ))
 }

@@ -28,6 +28,8 @@ pub struct TestApp {
     pub mongo: MongoServer,
     pub images: ImageServer,
     pub state: AppState,
+    /// The test's own connection to the service's database (`test`).
+    pub db: mongodb::Database,
     pub base: String,
     pub http: reqwest::Client,
     /// Product name -> _id.
@@ -130,10 +132,12 @@ impl TestApp {
             .no_proxy()
             .build()
             .unwrap();
+        let db = mongo.client().await.database("test");
         TestApp {
             mongo,
             images,
             state,
+            db,
             base,
             http,
             ids,
@@ -162,7 +166,17 @@ impl TestApp {
     }
 
     pub fn products(&self) -> mongodb::Collection<Document> {
-        self.state.db.collection("products")
+        self.db.collection("products")
+    }
+
+    /// The service's own collection of embeddings.
+    pub fn embeddings(&self) -> mongodb::Collection<Document> {
+        self.db.collection("product_embeddings")
+    }
+
+    /// Every embedding document matching `filter`.
+    pub async fn embedding_docs(&self, filter: Document) -> Vec<Document> {
+        super::mongo::embedding_docs(&self.db, filter).await
     }
 
     /// `POST /api/v1/search/url` with query parameters; returns (status, body).

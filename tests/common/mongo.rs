@@ -360,3 +360,18 @@ fn tail(path: &Path, max: u64) -> String {
     let _ = f.read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// Every embedding document matching `filter`, from the service's `product_embeddings`.
+pub async fn embedding_docs(
+    db: &mongodb::Database,
+    filter: mongodb::bson::Document,
+) -> Vec<mongodb::bson::Document> {
+    use futures::TryStreamExt;
+    db.collection::<mongodb::bson::Document>("product_embeddings")
+        .find(filter)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}

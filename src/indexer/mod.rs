@@ -1,0 +1,292 @@
+//! The indexer: index passes, which bring the stored embeddings up to date with the
+//! catalogue (embed products whose embedding is missing or stale, drop those of deleted
+//! products, record photos that could not be used). It decides when a pass runs: one at
+//! a time, shared by everyone waiting for it; `pipeline` does a pass's work.
+//!
+//! A search asks for a pass when the last one is older than CATALOG_SYNC_INTERVAL_SECS
+//! (`pass_if_due`); `POST /refresh` and `search-img index` ask for one that sees every
+//! change made before the call (`pass_now`).
+
+pub mod pipeline;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::config::IndexerSettings;
+use crate::embedder::Embedder;
+use crate::error::{DatabaseError, ModelError};
+use crate::fetch::Fetcher;
+use crate::vectors::{MetasError, VectorIndex};
+use pipeline::Pipeline;
+
+/// The outcome of one pass over the catalogue.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IndexReport {
+    /// Searchable products considered (after MAX_PRODUCTS).
+    pub total_products: usize,
+    /// Products with a usable embedding for the current model after this pass.
+    pub indexed_products: usize,
+    /// Embeddings computed in this pass.
+    pub embedded: usize,
+    /// Products whose image failed in this pass.
+    pub failed: usize,
+    /// Products whose image failed earlier and is not due for a retry yet.
+    pub failed_waiting: usize,
+    /// Embeddings removed because their product is gone or no longer searchable.
+    pub removed: usize,
+    /// Where the time went, in milliseconds.
+    pub timings: Timings,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub total_ms: f64,
+    /// Reading the catalogue and the stored metadata, and planning (on the service's
+    /// first pass this overlaps loading the model, and with `CACHE_PRODUCTS=true`
+    /// includes loading the cache from the same read).
+    pub plan_ms: f64,
+    /// Summed over concurrent fetches.
+    pub fetch_ms: f64,
+    pub decode_ms: f64,
+    pub model_ms: f64,
+    pub store_ms: f64,
+}
+
+/// Why a pass failed (one product's photo failing is not a failure of the pass).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the index pass panicked: {0}")]
+    Panicked(String),
+}
+
+impl From<mongodb::error::Error> for PassError {
+    fn from(e: mongodb::error::Error) -> Self {
+        PassError::Database(e.into())
+    }
+}
+
+impl From<MetasError> for PassError {
+    fn from(e: MetasError) -> Self {
+        match e {
+            MetasError::Model(e) => e.into(),
+            MetasError::Database(e) => e.into(),
+        }
+    }
+}
+
+/// One pass's outcome, shared by everyone waiting for it.
+pub type PassResult = Result<IndexReport, Arc<PassError>>;
+type PassFuture = Shared<BoxFuture<'static, PassResult>>;
+
+/// Told (done, todo) as a pass processes products.
+pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
+
+/// How far the pass under way has got, for `/api/v1/status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PassProgress {
+    pub running: bool,
+    /// Products of this pass whose image was embedded or failed so far.
+    pub done: usize,
+    /// Products this pass has to embed.
+    pub todo: usize,
+    /// Seconds since the pass under way (or the last one) started.
+    pub started_secs_ago: Option<f64>,
+    /// Passes started since the service started.
+    pub passes: u64,
+}
+
+#[derive(Default)]
+struct Schedule {
+    running: Option<PassFuture>,
+    /// The pass that `pass_now` asked for while one was running: it starts when that
+    /// one ends, and every call made meanwhile shares it.
+    queued: Option<PassFuture>,
+    last_done: Option<Instant>,
+    /// The pass under way or the last one: (done, todo), when it started, how many.
+    done_todo: (usize, usize),
+    started: Option<Instant>,
+    passes: u64,
+}
+
+pub struct Indexer {
+    catalog: Catalog,
+    embedder: Arc<Embedder>,
+    vectors: Arc<VectorIndex>,
+    fetcher: Fetcher,
+    settings: IndexerSettings,
+    /// Locked briefly, never across an await.
+    schedule: Arc<Mutex<Schedule>>,
+}
+
+impl Indexer {
+    pub fn new(
+        catalog: Catalog,
+        embedder: Arc<Embedder>,
+        vectors: Arc<VectorIndex>,
+        fetcher: Fetcher,
+        settings: IndexerSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            catalog,
+            embedder,
+            vectors,
+            fetcher,
+            settings,
+            schedule: Default::default(),
+        })
+    }
+
+    /// Before a search: a pass if the last one is older than CATALOG_SYNC_INTERVAL_SECS,
+    /// waited for at most SEARCH_SYNC_WAIT_SECS (the pass goes on in the background and
+    /// the search uses what is stored so far). A failed pass does not fail the search.
+    pub async fn pass_if_due(self: &Arc<Self>) {
+        let pass = {
+            let mut s = self.lock();
+            let due = s
+                .last_done
+                .is_none_or(|t| t.elapsed() >= self.settings.pass_interval);
+            // A pass that is not due (a refresh's) does not hold searches up.
+            match (&s.running, due) {
+                (Some(f), true) => f.clone(),
+                (None, true) => self.start(&mut s, Arc::new(|_, _| {})),
+                (_, false) => return,
+            }
+        };
+        match tokio::time::timeout(self.settings.search_wait, pass).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "index pass failed; searching stored embeddings")
+            }
+            Err(_) => tracing::info!("index pass still running; searching what is stored so far"),
+        }
+    }
+
+    /// A pass that starts now or later, so that changes made before the call are seen.
+    /// With none running it starts one; while one runs, it waits for that one and then
+    /// for one more, which every call made meanwhile shares: N concurrent calls cost at
+    /// most two passes, not N.
+    pub async fn pass_now(self: &Arc<Self>) -> PassResult {
+        self.pass_now_with_progress(Arc::new(|_, _| {})).await
+    }
+
+    pub async fn pass_now_with_progress(self: &Arc<Self>, progress: Progress) -> PassResult {
+        let pass = {
+            let mut s = self.lock();
+            match (&s.running, &s.queued) {
+                (None, _) => self.start(&mut s, progress),
+                (Some(_), Some(queued)) => queued.clone(),
+                (Some(running), None) => {
+                    let queued = self.queue_after(running.clone(), progress);
+                    s.queued = Some(queued.clone());
+                    queued
+                }
+            }
+        };
+        pass.await
+    }
+
+    /// The pass under way, or the last one.
+    pub fn progress(&self) -> PassProgress {
+        let s = self.lock();
+        PassProgress {
+            running: s.running.is_some(),
+            done: s.done_todo.0,
+            todo: s.done_todo.1,
+            started_secs_ago: s.started.map(|t| t.elapsed().as_secs_f64()),
+            passes: s.passes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.schedule.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pass that starts when `running` ends (spawned, so it happens even if every
+    /// caller gives up). If something else started a pass in between, that one will do.
+    fn queue_after(self: &Arc<Self>, running: PassFuture, progress: Progress) -> PassFuture {
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let _ = running.await;
+            let next = {
+                let mut s = this.lock();
+                s.queued = None;
+                match &s.running {
+                    Some(f) => f.clone(),
+                    None => this.start(&mut s, progress),
+                }
+            };
+            next.await
+        });
+        shared(handle)
+    }
+
+    /// Spawns a pass (so it finishes even if every waiter goes away) and records it.
+    fn start(self: &Arc<Self>, s: &mut Schedule, progress: Progress) -> PassFuture {
+        s.started = Some(Instant::now());
+        s.passes += 1;
+        s.done_todo = (0, 0);
+        let schedule = self.schedule.clone();
+        let progress: Progress = Arc::new(move |done, todo| {
+            schedule.lock().unwrap_or_else(|p| p.into_inner()).done_todo = (done, todo);
+            progress(done, todo)
+        });
+        let this = self.clone();
+        let handle = tokio::spawn(async move {
+            let result = this.pass(progress).await;
+            let mut s = this.lock();
+            s.running = None;
+            if result.is_ok() {
+                s.last_done = Some(Instant::now());
+            }
+            result.map_err(Arc::new)
+        });
+        let pass = shared(handle);
+        s.running = Some(pass.clone());
+        pass
+    }
+
+    async fn pass(&self, progress: Progress) -> Result<IndexReport, PassError> {
+        let start = Instant::now();
+        // The catalogue read needs no model: on the first pass it runs while the model
+        // loads.
+        let products = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
+        let model_and_metas =
+            async { Ok::<_, PassError>(self.vectors.metas_for_pass(self.embedder.model()).await?) };
+        let (products, (model, metas)) = tokio::try_join!(products, model_and_metas)?;
+        let pipeline = Pipeline {
+            embedder: &self.embedder,
+            model,
+            fetcher: &self.fetcher,
+            vectors: &self.vectors,
+            batch_size: self.settings.max_batch_size,
+            fetch_concurrency: self.settings.index_fetch_concurrency,
+            retry_failed_after: self.settings.retry_failed_after,
+            progress: &*progress,
+        };
+        let (report, changes) = pipeline.run(products, metas, start).await;
+        // The pass's catalogue, metadata map and image buffers are freed now.
+        crate::rank::release_freed_memory();
+        // What was stored goes to the cache even if the pass failed half-way.
+        self.vectors.apply(changes).await;
+        report
+    }
+}
+
+/// A spawned pass as a future every waiter can share.
+fn shared(handle: tokio::task::JoinHandle<PassResult>) -> PassFuture {
+    async move {
+        handle
+            .await
+            .unwrap_or_else(|e| Err(Arc::new(PassError::Panicked(e.to_string()))))
+    }
+    .boxed()
+    .shared()
+}
