@@ -9,7 +9,7 @@
 #   clip-vit-b32-real-int8  real CLIP ViT-B/32 image tower, int8 (~90 MB), downloaded from
 #                           huggingface.co by models/download_real_clip.sh: needs internet
 #                           at build time
-#   clip-vit-b32-real       the same in fp32 (~350 MB; tight in 512 MB, see the README)
+#   clip-vit-b32-real       the same in fp32 (~350 MB; tight in 512 MB, see docs/performance.md)
 #   docker build --build-arg MODEL=clip-vit-b32-real-int8 -t search-img .
 ARG MODEL=efficientnet-lite0
 
@@ -36,9 +36,10 @@ RUN case "$MODEL" in \
  && test -f "models/out/$MODEL/preprocessor_config.json" \
  && test -f .tools/onnxruntime/libonnxruntime.so
 
-# 2. The binary (default features: ONNX Runtime loaded at run time from ORT_DYLIB_PATH).
+# 2. The binary (default features: ONNX Runtime loaded at run time from ORT_DYLIB_PATH),
+#    in the `dist` profile: release code, stripped of debug sections (Cargo.toml).
 COPY . .
-RUN cargo build --release --locked --bin search-img
+RUN cargo build --profile dist --locked --bin search-img
 
 # ---------------------------------------------------------------------------- runtime
 FROM debian:bookworm-slim
@@ -49,7 +50,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app
 WORKDIR /app
-COPY --from=builder /src/target/release/search-img /usr/local/bin/search-img
+COPY --from=builder /src/target/dist/search-img /usr/local/bin/search-img
 COPY --from=builder /src/.tools/onnxruntime/libonnxruntime.so /app/lib/libonnxruntime.so
 COPY --from=builder /src/models/out/${MODEL}/model.onnx /src/models/out/${MODEL}/preprocessor_config.json /app/models/${MODEL}/
 
