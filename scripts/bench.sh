@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make bench`: the end-to-end benchmark (README "Benchmarks"). Builds the release
+# `make bench`: the end-to-end benchmark (docs/performance.md, "Benchmarks"). Builds the release
 # binaries, then bench/run.py starts SecantusDB, an image server and the service as
 # real processes on 127.0.0.1, measures, prints the tables and writes
 # bench/results/latest.{json,md}. Unattended; about 15-20 min on 2 cores.
