@@ -46,7 +46,7 @@ import time
 import numpy as np
 from onnx import TensorProto, helper
 
-from modelutil import Graph, clip_image_processor_config, make_model, publish, run_once
+from modelutil import Graph, clip_image_processor_config, make_model, publish_and_report, run_once
 
 SIZES = {
     # width, layers, heads, mlp, projection dim; gains on the OpenAI init scales of the
@@ -225,10 +225,7 @@ def main(argv=None):
             raise RuntimeError(f"self-test: embeddings of random inputs collapse "
                                f"(cosine {worst:.4f})")
 
-    dest = publish(args.out, data, PREPROCESSOR_CONFIG, None if args.no_verify else verify)
-    print(f"wrote {dest} ({len(data) / 1e6:.1f} MB, {n_nodes} nodes) "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return publish_and_report(args, data, PREPROCESSOR_CONFIG, verify, n_nodes, t0)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import zipfile
 import numpy as np
 from onnx import TensorProto, helper
 
-from modelutil import Graph, clip_image_processor_config, make_model, publish, run_once
+from modelutil import Graph, clip_image_processor_config, make_model, publish_and_report, run_once
 
 IMAGE_SIZE = 224
 BN_EPS = 1e-3
@@ -395,10 +395,7 @@ def main(argv=None):
         run_once(path, (2, 3, IMAGE_SIZE, IMAGE_SIZE),
                  {"image_embeds": (2, HEAD_CHANNELS), "logits": (2, NUM_CLASSES)})
 
-    dest = publish(args.out, data, PREPROCESSOR_CONFIG, None if args.no_verify else verify)
-    print(f"wrote {dest} ({len(data) / 1e6:.1f} MB, {n_nodes} nodes) "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0
+    return publish_and_report(args, data, PREPROCESSOR_CONFIG, verify, n_nodes, t0)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,17 @@ def publish(out_dir, model_bytes, preprocessor, verify=None):
     return final
 
 
+def publish_and_report(args, model_bytes, preprocessor, verify, n_nodes, t0):
+    """The builders' last step: publish (verified unless --no-verify), say what was
+    written and how long it took; returns the exit status."""
+    import time
+
+    dest = publish(args.out, model_bytes, preprocessor, None if args.no_verify else verify)
+    print(f"wrote {dest} ({len(model_bytes) / 1e6:.1f} MB, {n_nodes} nodes) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def run_once(model_path, input_shape, expected_outputs, seed=0):
     """Loads a model in onnxruntime, runs it on random input and checks output shapes and
     finiteness. expected_outputs: {name: shape}. Returns {name: array}."""

@@ -10,7 +10,7 @@ use mongodb::bson::DateTime;
 use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
-use crate::store::{raw_meta, raw_vector, ProductId, StoredMeta};
+use crate::store::{le_floats, raw_meta, raw_vector, ProductId, StoredMeta};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
@@ -207,11 +207,7 @@ pub async fn rank_stream(
         }
         // Floats first, then the same kernel as the cache: identical scores.
         row.clear();
-        row.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
+        row.extend(le_floats(bytes));
         let score = dot(query, &row);
         if top.admits(score) {
             top.push(id, score);
@@ -337,11 +333,7 @@ impl VectorCache {
                 continue;
             }
             buf.clear();
-            buf.extend(
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
+            buf.extend(le_floats(bytes));
             let updated = d.get_datetime("updated_at").ok().unwrap_or(DateTime::MIN);
             self.upsert(id, &buf, updated);
             n += 1;

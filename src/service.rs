@@ -195,7 +195,7 @@ impl AppState {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Status {
     pub model_loaded: bool,
     pub model: Option<crate::encoder::ModelIdentity>,

@@ -122,10 +122,15 @@ pub fn vector_bytes(subtype: BinarySubtype, bytes: &[u8]) -> Option<&[u8]> {
 }
 
 pub fn decode_vector(floats: &[u8]) -> Vec<f32> {
-    floats
+    le_floats(floats).collect()
+}
+
+/// Little-endian f32s, as a stored vector holds them (a trailing partial float is
+/// ignored; `vector_bytes` only gives whole ones).
+pub fn le_floats(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 #[derive(Clone)]

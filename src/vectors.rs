@@ -15,6 +15,7 @@ use tokio::sync::{Mutex, RwLock};
 use crate::config::VectorSettings;
 use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
+use crate::indexer::PassError;
 use crate::rank::{rank_stream, Scored, VectorCache};
 use crate::store::{EmbeddingStore, ProductId, StoredMeta};
 
@@ -98,15 +99,15 @@ impl VectorIndex {
     pub async fn metas_for_pass(
         &self,
         model: impl Future<Output = Result<Arc<Encoder>, ModelError>>,
-    ) -> Result<(Arc<Encoder>, Metas), MetasError> {
+    ) -> Result<(Arc<Encoder>, Metas), PassError> {
         if self.cache.is_some() {
             let encoder = model.await?;
             let id = encoder.identity();
             let metas = self.cache_up_to_date(&id.key(), id.dim, true).await?;
             Ok((encoder, metas.unwrap_or_default()))
         } else {
-            let metas = async { self.store.metas().await.map_err(MetasError::from) };
-            let model = async { model.await.map_err(MetasError::from) };
+            let metas = async { self.store.metas().await.map_err(PassError::from) };
+            let model = async { model.await.map_err(PassError::from) };
             tokio::try_join!(model, metas)
         }
     }
@@ -299,20 +300,5 @@ impl VectorIndex {
             "cache reconciled with the store"
         );
         Ok(())
-    }
-}
-
-/// Why `metas_for_pass` failed: the model, or the database.
-#[derive(Debug, thiserror::Error)]
-pub enum MetasError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Database(#[from] DatabaseError),
-}
-
-impl From<mongodb::error::Error> for MetasError {
-    fn from(e: mongodb::error::Error) -> Self {
-        MetasError::Database(e.into())
     }
 }

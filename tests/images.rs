@@ -1159,14 +1159,8 @@ async fn a_slow_decode_is_answered_at_its_deadline() {
         ))
         .await
         .unwrap();
-    let r = app
-        .http
-        .post(app.url("/api/v1/refresh"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let report: serde_json::Value = r.json().await.unwrap();
+    let (code, report) = app.refresh().await;
+    assert_eq!(code, 200, "{report}");
     let status = app.status().await;
     assert_eq!(status["failed_products"], 1, "{status} {report}");
     assert_eq!(status["products_with_features"], 1, "{status}");

@@ -1050,10 +1050,7 @@ fn check_embeddings(
         if !check_vector(i) {
             continue;
         }
-        let stored: Vec<f32> = bin[2..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let stored = search_img::store::decode_vector(&bin[2..]);
         let path = url
             .rsplit_once("/p/")
             .map(|(_, p)| format!("p/{p}"))
@@ -1160,10 +1157,17 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
     svc.kill9().await;
     let killed_after = t.elapsed();
     assert!(refresh.await.unwrap().is_err(), "the refresh was cut off");
-    // Writes the server had received may still land: let them settle.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let after_kill = embedding_docs(&mongo).await;
+    // Writes the server had received may still land: wait until the stored documents
+    // stop changing.
+    let mut after_kill = embedding_docs(&mongo).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let again = embedding_docs(&mongo).await;
+        if again == after_kill {
+            break;
+        }
+        after_kill = again;
+    }
     let done = check_embeddings(&after_kill, &url_of, &bytes_of, &encoder, &|_| true);
     assert!(
         done.len() < N,
@@ -1401,17 +1405,24 @@ async fn bodies_in_progress_stay_within_their_memory_budget() {
     assert!(second.starts_with("HTTP/1.1 503"), "{second}");
     assert!(second.contains("busy receiving other uploads"), "{second}");
     drop(first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the server has seen the first connection close, its bytes are released.
     let small = jpeg(
         &image::imageops::thumbnail(&photo("coffee.png"), 160, 107),
         85,
     );
-    let (code, body) = send(
-        http.post(svc.url("/api/v1/search/image?top_k=1"))
-            .multipart(upload_form(small)),
-    )
-    .await
-    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, body) = loop {
+        let (code, body) = send(
+            http.post(svc.url("/api/v1/search/image?top_k=1"))
+                .multipart(upload_form(small.clone())),
+        )
+        .await
+        .unwrap();
+        if code != 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(code, 200, "{body}");
     assert_eq!(names(&body), ["Espresso cup"]);
 }

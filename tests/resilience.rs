@@ -342,14 +342,8 @@ async fn mongodb_stopped_during_indexing_then_the_next_pass_completes_it() {
     until_status(&app, "/api/v1/health", 200, Duration::from_secs(15)).await;
     let stored = count_current(&app).await as usize;
     assert!(stored < total, "the stop came too late");
-    let r = app
-        .http
-        .post(app.url("/api/v1/refresh"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let report: Value = r.json().await.unwrap();
+    let (code, report) = app.refresh().await;
+    assert_eq!(code, 200, "{report}");
     assert_eq!(report["indexed_products"], total, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
     assert_eq!(

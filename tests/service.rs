@@ -83,66 +83,6 @@ async fn url_search_accepts_query_parameters_json_body_and_upload_alike() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_parameters_get_422_with_a_detail() {
-    let app = TestApp::start(&[]).await;
-    let img = app.images.url("chelsea.png");
-    for params in [
-        "&top_k=0",
-        "&top_k=51",
-        "&top_k=abc",
-        "&top_k=2.5",
-        "&threshold=-0.1",
-        "&threshold=1.5",
-        "&threshold=nan",
-    ] {
-        let (code, body) = app.search_url(&img, params).await;
-        assert_eq!(code, 422, "{params}: {body}");
-        assert!(
-            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
-            "{body}"
-        );
-    }
-    let post = |body: &'static str, ct: &'static str| {
-        app.http
-            .post(app.url("/api/v1/search/url"))
-            .header("content-type", ct)
-            .body(body)
-            .send()
-    };
-    for (body, ct) in [
-        ("", "application/json"),
-        ("{\"top_k\": 3}", "application/json"),
-        ("{not json", "application/json"),
-        ("[1,2]", "application/json"),
-        ("{\"image_url\": 5}", "application/json"),
-    ] {
-        let r = post(body, ct).await.unwrap();
-        assert_eq!(r.status(), 422, "{body}");
-        let v: Value = r.json().await.unwrap();
-        assert!(v["detail"].is_string(), "{v}");
-    }
-    // Upload without the `file` field, and not multipart at all.
-    let form = reqwest::multipart::Form::new().text("other", "x");
-    let r = app
-        .http
-        .post(app.url("/api/v1/search/image"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
-    let r = app
-        .http
-        .post(app.url("/api/v1/search/image"))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
-    assert!(r.json::<Value>().await.unwrap()["detail"].is_string());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_query_images_are_client_errors_not_empty_results() {
     let app = TestApp::start(&[]).await;
     let (code, body) = app.search_url(&app.images.url("missing.png"), "").await;
@@ -577,46 +517,17 @@ async fn health_follows_the_database_without_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cors_preflight_docs_root_status_and_refresh() {
+async fn status_and_refresh_over_the_real_catalogue() {
+    // CORS, `/`, the docs, the OpenAPI document and 404 are tested in-process (http.rs).
     let app = TestApp::start(&[]).await;
-    let r = app
-        .http
-        .request(reqwest::Method::OPTIONS, app.url("/api/v1/search/url"))
-        .header("Origin", "https://shop.example")
-        .header("Access-Control-Request-Method", "POST")
-        .header("Access-Control-Request-Headers", "content-type")
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
-    assert_eq!(r.headers()["access-control-allow-origin"], "*");
-    let (code, root) = app.get("/").await;
-    assert_eq!(code, 200);
-    assert_eq!(root["name"], "search-img");
-    assert!(root["endpoints"].is_object());
-    let (code, spec) = app.get("/openapi.json").await;
-    assert_eq!(code, 200);
-    assert!(spec["paths"]["/api/v1/search/url"].is_object());
-    let docs = app.http.get(app.url("/docs")).send().await.unwrap();
-    assert_eq!(docs.status(), 200);
-    assert!(docs.text().await.unwrap().contains("/openapi.json"));
     let status = app.status().await;
     assert_eq!(status["model_loaded"], false);
     assert_eq!(status["caching_enabled"], false);
-    let r = app
-        .http
-        .post(app.url("/api/v1/refresh"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body: Value = r.json().await.unwrap();
+    let (code, body) = app.refresh().await;
+    assert_eq!(code, 200, "{body}");
     assert_eq!(body["total_products"], CATALOGUE.len());
     assert_eq!(body["indexed_products"], CATALOGUE.len());
     assert!(body["message"].is_string());
-    let (code, body) = app.get("/no/such/path").await;
-    assert_eq!(code, 404);
-    assert!(body["detail"].is_string());
 }
 
 /// A second service on `app`'s database and images with `CACHE_PRODUCTS=true`,

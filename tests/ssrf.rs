@@ -249,22 +249,16 @@ async fn private_product_images_are_recorded_as_failed_not_fetched() {
     assert_eq!(status["failed_products"], all, "{status}");
     assert_eq!(status["products_with_features"], 0, "{status}");
     // The reason is stored with each failure.
-    let failures = {
-        app.embedding_docs(mongodb::bson::doc! { "status": "failed" })
-            .await
-    };
+    let failures = app
+        .embedding_docs(mongodb::bson::doc! { "status": "failed" })
+        .await;
     assert_eq!(failures.len(), all);
     let text = format!("{failures:?}");
     assert!(text.contains("private or reserved address"), "{text}");
     assert!(text.contains("scheme"), "{text}");
     // A refresh retries nothing that is not due, and fetches nothing.
-    let r = app
-        .http
-        .post(app.url("/api/v1/refresh"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (code, report) = app.refresh().await;
+    assert_eq!(code, 200, "{report}");
     assert_eq!(
         app.images.total_hits(),
         0,

@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
     // Part of load: Encoder::load hashes the file (the model identity) on a second thread
     // while ONNX Runtime builds the session. Timed alone here, after the peak is read.
     let start = Instant::now();
-    sha256_file(&args.model)?;
+    search_img::encoder::sha256_file(&args.model)?;
     let sha256_s = start.elapsed().as_secs_f64();
 
     let line = json!({
@@ -213,23 +213,6 @@ fn time_runs<T, E: Into<anyhow::Error>>(
             Ok(t.elapsed().as_secs_f64() * 1e3)
         })
         .collect()
-}
-
-fn sha256_file(path: &Path) -> anyhow::Result<()> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    std::hint::black_box(h.finalize());
-    Ok(())
 }
 
 fn median(xs: &[f64]) -> f64 {

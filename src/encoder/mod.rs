@@ -260,7 +260,8 @@ fn default_name(path: &Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// SHA-256 of a file, hex (the model identity; read in 1 MiB pieces).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

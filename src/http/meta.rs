@@ -6,9 +6,11 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::error::AppError;
+use crate::indexer::{IndexReport, PassProgress};
 use crate::service::AppState;
 
 pub async fn root() -> Json<serde_json::Value> {
@@ -34,25 +36,52 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let health = state.health().await;
     let model_loaded = health.model_loaded;
     match health.database {
-        Ok(()) => Json(json!({
-            "status": "healthy",
-            "message": "API is running",
-            "database": "connected",
-            "model_loaded": model_loaded,
-        }))
+        Ok(()) => Json(HealthReport {
+            status: "healthy",
+            message: "API is running",
+            database: "connected",
+            model_loaded,
+            detail: None,
+        })
         .into_response(),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "unhealthy",
-                "message": "API is running but the database is unreachable",
-                "database": "disconnected",
-                "model_loaded": model_loaded,
-                "detail": "the database is unreachable",
-            })),
+            Json(HealthReport {
+                status: "unhealthy",
+                message: "API is running but the database is unreachable",
+                database: "disconnected",
+                model_loaded,
+                detail: Some("the database is unreachable"),
+            }),
         )
             .into_response(),
     }
+}
+
+/// `/api/v1/health`'s body (the old service's fields, and a detail when unhealthy).
+#[derive(Debug, Default, Serialize)]
+pub struct HealthReport {
+    pub status: &'static str,
+    pub message: &'static str,
+    pub database: &'static str,
+    pub model_loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'static str>,
+}
+
+/// `/api/v1/refresh`'s 200: the pass's report.
+#[derive(Debug, Default, Serialize)]
+pub struct RefreshReport {
+    pub message: &'static str,
+    #[serde(flatten)]
+    pub report: IndexReport,
+}
+
+/// `/api/v1/refresh`'s 202: the pass goes on.
+#[derive(Debug, Default, Serialize)]
+pub struct RefreshAccepted {
+    pub message: &'static str,
+    pub index_pass: PassProgress,
 }
 
 pub async fn status(
@@ -75,26 +104,17 @@ pub async fn refresh(
         .saturating_sub(timeout / 10)
         .max(Duration::from_millis(100));
     match tokio::time::timeout(wait, state.indexer().pass_now()).await {
-        Ok(r) => {
-            let r = r?;
-            Ok(Json(json!({
-                "message": "Product features refreshed",
-                "total_products": r.total_products,
-                "indexed_products": r.indexed_products,
-                "embedded": r.embedded,
-                "failed": r.failed,
-                "failed_waiting": r.failed_waiting,
-                "removed": r.removed,
-                "timings": r.timings,
-            }))
-            .into_response())
-        }
+        Ok(report) => Ok(Json(RefreshReport {
+            message: "Product features refreshed",
+            report: report?,
+        })
+        .into_response()),
         Err(_) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({
-                "message": "Refresh under way; it goes on in the background (see /api/v1/status)",
-                "index_pass": state.indexer().progress(),
-            })),
+            Json(RefreshAccepted {
+                message: "Refresh under way; it goes on in the background (see /api/v1/status)",
+                index_pass: state.indexer().progress(),
+            }),
         )
             .into_response()),
     }

@@ -6,6 +6,20 @@ mod docs;
 mod meta;
 mod search;
 
+pub use meta::{HealthReport, RefreshAccepted, RefreshReport};
+pub use search::{UPLOAD_PARAMETERS, URL_PARAMETERS};
+
+/// Every route the OpenAPI document describes: (method, path). tests/http.rs checks
+/// that the document lists exactly these and that each one is served.
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("get", "/api/v1/health"),
+    ("get", "/api/v1/status"),
+    ("post", "/api/v1/search/url"),
+    ("post", "/api/v1/search/image"),
+    ("post", "/api/v1/refresh"),
+];
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -64,6 +64,14 @@ pub async fn by_upload(
     timed(state.search().by_bytes(bytes, &params.rank).await?)
 }
 
+/// The parameters each search reads (query parameters, and for `/search/url` the JSON
+/// body's fields), as the OpenAPI document must list them.
+pub const URL_PARAMETERS: &[&str] = &[IMAGE_URL, TOP_K, THRESHOLD];
+pub const UPLOAD_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD];
+const IMAGE_URL: &str = "image_url";
+const TOP_K: &str = "top_k";
+const THRESHOLD: &str = "threshold";
+
 /// Validated search parameters.
 #[derive(Debug, PartialEq)]
 pub struct SearchParams {
@@ -85,21 +93,21 @@ impl SearchParams {
         };
         let invalid =
             |what: &str, v: &Value| AppError::Unprocessable(format!("{what}, got {}", show(v)));
-        let top_k = match get("top_k") {
+        let top_k = match get(TOP_K) {
             None => cfg.top_k,
             Some(v) => match number(&v).filter(|n| n.fract() == 0.0) {
                 Some(n) if (1.0..=50.0).contains(&n) => n as usize,
                 _ => return Err(invalid("top_k must be an integer from 1 to 50", &v)),
             },
         };
-        let threshold = match get("threshold") {
+        let threshold = match get(THRESHOLD) {
             None => cfg.similarity_threshold,
             Some(v) => match number(&v) {
                 Some(n) if (0.0..=1.0).contains(&n) => n as f32,
                 _ => return Err(invalid("threshold must be a number from 0 to 1", &v)),
             },
         };
-        let image_url = match get("image_url") {
+        let image_url = match get(IMAGE_URL) {
             None => None,
             Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
             Some(v) => return Err(invalid("image_url must be a non-empty string", &v)),

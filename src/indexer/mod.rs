@@ -20,7 +20,7 @@ use crate::config::IndexerSettings;
 use crate::embedder::Embedder;
 use crate::error::{DatabaseError, ModelError};
 use crate::fetch::Fetcher;
-use crate::vectors::{MetasError, VectorIndex};
+use crate::vectors::VectorIndex;
 use pipeline::Pipeline;
 
 /// The outcome of one pass over the catalogue.
@@ -70,15 +70,6 @@ pub enum PassError {
 impl From<mongodb::error::Error> for PassError {
     fn from(e: mongodb::error::Error) -> Self {
         PassError::Database(e.into())
-    }
-}
-
-impl From<MetasError> for PassError {
-    fn from(e: MetasError) -> Self {
-        match e {
-            MetasError::Model(e) => e.into(),
-            MetasError::Database(e) => e.into(),
-        }
     }
 }
 
@@ -258,8 +249,7 @@ impl Indexer {
         // The catalogue read needs no model: on the first pass it runs while the model
         // loads.
         let products = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
-        let model_and_metas =
-            async { Ok::<_, PassError>(self.vectors.metas_for_pass(self.embedder.model()).await?) };
+        let model_and_metas = async { self.vectors.metas_for_pass(self.embedder.model()).await };
         let (products, (model, metas)) = tokio::try_join!(products, model_and_metas)?;
         let pipeline = Pipeline {
             embedder: &self.embedder,

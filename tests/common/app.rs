@@ -207,6 +207,17 @@ impl TestApp {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// `POST /api/v1/refresh`; returns (status, body).
+    pub async fn refresh(&self) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url("/api/v1/refresh"))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self.http.get(self.url(path)).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
