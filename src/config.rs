@@ -280,6 +280,10 @@ pub struct CatalogSettings {
     /// it re-embedded every product per search; with stored embeddings it does not.
     #[arg(long, value_parser = Var(number::<usize>), default_value = "0")]
     pub max_products: usize,
+    /// Which products are searchable: a MongoDB query document in extended JSON, e.g.
+    /// `{"isHidden": {"$ne": true}}`. None: every product with a photo.
+    #[arg(long, value_parser = Var(query_document))]
+    pub product_filter: Option<mongodb::bson::Document>,
 }
 
 /// Index passes: bringing the stored embeddings up to date with the catalogue.
@@ -479,6 +483,20 @@ fn secs(s: &str) -> Result<Duration, String> {
     number::<u64>(s).map(Duration::from_secs)
 }
 
+/// A MongoDB query document written in (relaxed or canonical) extended JSON.
+fn query_document(s: &str) -> Result<mongodb::bson::Document, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("must be a JSON object (a MongoDB query document)".into());
+    }
+    match mongodb::bson::Bson::try_from(value) {
+        Ok(mongodb::bson::Bson::Document(d)) => Ok(d),
+        Ok(_) => Err("must be a JSON object (a MongoDB query document)".into()),
+        Err(e) => Err(format!("not valid extended JSON: {e}")),
+    }
+}
+
 fn decode_timeout(s: &str) -> Result<Duration, String> {
     let secs = number::<f64>(s)?;
     if secs > 0.0 && secs <= 3600.0 {
@@ -631,6 +649,34 @@ mod tests {
             FetchSettings::default().total_timeout,
             Duration::from_secs(20)
         );
+    }
+
+    #[test]
+    fn product_filter_is_an_extended_json_document() {
+        assert!(Config::defaults().catalog.product_filter.is_none());
+        let c = with(&[(
+            "PRODUCT_FILTER",
+            r#"{"isHidden": {"$ne": true}, "shop": {"$oid": "65a1e9c2e4b0a1b2c3d4e5f6"}}"#,
+        )])
+        .unwrap();
+        let f = c.catalog.product_filter.unwrap();
+        assert_eq!(
+            f.get_document("isHidden").unwrap().get_bool("$ne"),
+            Ok(true)
+        );
+        assert!(f.get_object_id("shop").is_ok(), "{f}");
+        for (value, why) in [
+            ("{not json", "not valid JSON"),
+            ("[1, 2]", "must be a JSON object"),
+            ("\"isHidden\"", "must be a JSON object"),
+            (r#"{"a": {"$oid": "nope"}}"#, "not valid extended JSON"),
+        ] {
+            let e = with(&[("PRODUCT_FILTER", value)]).unwrap_err().to_string();
+            assert!(
+                e.starts_with("configuration error in PRODUCT_FILTER: ") && e.contains(why),
+                "{value}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -593,3 +593,68 @@ async fn search_all(
     };
     state.search().by_bytes(bytes, &everything).await.unwrap().0
 }
+
+/// PRODUCT_FILTER decides which products are searchable: those it leaves out are never
+/// embedded, and a product hidden after the last pass is not returned either: the join
+/// checks the filter again and the next products fill the list, however many of the
+/// best candidates are hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_filter_hides_products_at_once_and_the_next_ones_fill_in() {
+    for cache in ["false", "true"] {
+        let mongo = common::mongo::MongoServer::start().await;
+        let images = common::images::ImageServer::start().await;
+        let products = mongo
+            .client()
+            .await
+            .database("test")
+            .collection::<Document>("products");
+        let mut ids = std::collections::HashMap::new();
+        for (i, (name, file)) in CATALOGUE.iter().enumerate() {
+            images.put(file, photo_bytes(file));
+            let mut d = product_doc(name, &images.url(file));
+            // Hidden from the start: the first one.
+            d.insert("isHidden", i == 0);
+            let id = products.insert_one(d).await.unwrap().inserted_id;
+            ids.insert(name.to_string(), id.as_object_id().unwrap());
+        }
+        let vars = common::app::test_vars(
+            &mongo,
+            &[
+                ("PRODUCT_FILTER", r#"{"isHidden": {"$ne": true}}"#),
+                ("CACHE_PRODUCTS", cache),
+                ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+                ("CACHE_SYNC_INTERVAL_SECS", "3600"),
+            ],
+        );
+        let app = TestApp::serve(mongo, images, vars, ids).await;
+        let q = jpeg(&photo("coffee.png"), 85);
+        let (_, all) = app.search_upload(q.clone(), "top_k=50&threshold=0").await;
+        let all = all.as_array().unwrap().clone();
+        assert_eq!(all.len(), CATALOGUE.len() - 1, "cache={cache}: {all:?}");
+        assert!(!app
+            .names(&Value::Array(all.clone()))
+            .contains(&CATALOGUE[0].0.to_string()));
+        let status = app.status().await;
+        assert_eq!(status["products_with_features"], CATALOGUE.len() - 1);
+
+        // Hide all but the last two (no pass runs: the interval is an hour), more than
+        // the spare candidates of a top-2 search.
+        for r in &all[..all.len() - 2] {
+            let oid =
+                mongodb::bson::oid::ObjectId::parse_str(r["product"]["_id"].as_str().unwrap())
+                    .unwrap();
+            app.products()
+                .update_one(doc! { "_id": oid }, doc! { "$set": { "isHidden": true } })
+                .await
+                .unwrap();
+        }
+        let (code, two) = app.search_upload(q, "top_k=2&threshold=0").await;
+        assert_eq!(code, 200, "{two}");
+        let two = two.as_array().unwrap();
+        assert_eq!(two.len(), 2, "cache={cache}: the last two fill in: {two:?}");
+        for (i, (got, want)) in two.iter().zip(&all[all.len() - 2..]).enumerate() {
+            assert_eq!(got["product"], want["product"], "cache={cache}");
+            assert_eq!(got["rank"], i + 1);
+        }
+    }
+}
