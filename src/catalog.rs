@@ -1,27 +1,23 @@
-//! The shop's products collection: read-only. Which products are searchable, and their
-//! documents projected to the fields the frontend renders.
+//! The shop's products collection: read-only. Which products are searchable and where
+//! their photos are (PRODUCT_IMAGE_FIELD), and their documents projected to the fields
+//! the frontend renders.
 
 use std::collections::HashMap;
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
 use mongodb::Collection;
 use serde_json::{Map, Value};
 
 use crate::config::CatalogSettings;
-use crate::store::ProductId;
-
-/// A searchable product: its id and the image its embedding is made from.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProductRef {
-    pub id: ProductId,
-    pub image_url: String,
-}
+use crate::store::{ImageKey, ProductId};
 
 #[derive(Clone)]
 pub struct Catalog {
     coll: Collection<Document>,
     fields: Vec<String>,
+    /// PRODUCT_IMAGE_FIELD, each path split at its dots.
+    image_paths: Vec<Vec<String>>,
     max_products: usize,
     /// PRODUCT_FILTER: what else a product must match to be searchable.
     filter: Option<Document>,
@@ -32,42 +28,88 @@ impl Catalog {
         Self {
             coll,
             fields: settings.product_fields.clone(),
+            image_paths: settings
+                .product_image_field
+                .iter()
+                .map(|p| p.split('.').map(str::to_string).collect())
+                .collect(),
             max_products: settings.max_products,
             filter: settings.product_filter.clone(),
         }
     }
 
-    /// Products whose `productImage` is a non-empty string and that match
-    /// PRODUCT_FILTER; with `max_products` > 0 the first that many by `_id`. Without a
-    /// cap, products are read with no sort and only PRODUCT_FILTER as the filter (the
-    /// photo check is made here): nearly every product has a photo, and that filter and
-    /// the sort made this read take twice as long (10,000 products from SecantusDB:
-    /// 442 ms with them, 223 ms without). It runs on every index pass.
-    pub async fn searchable(&self) -> mongodb::error::Result<Vec<ProductRef>> {
+    /// Every image of the products that have one at PRODUCT_IMAGE_FIELD and match
+    /// PRODUCT_FILTER, each image once per product; with `max_products` > 0 the first
+    /// that many products by `_id`. Without a cap, products are read with no sort and
+    /// only PRODUCT_FILTER as the filter (the photo check is made here): nearly every
+    /// product has a photo, and that filter and the sort made this read take twice as
+    /// long (10,000 products from SecantusDB: 442 ms with them, 223 ms without). It runs
+    /// on every index pass. A value that is not an http(s) URL is returned too: fetching
+    /// it fails, and it is recorded as a failed image.
+    pub async fn searchable(&self) -> mongodb::error::Result<Vec<ImageKey>> {
         let find = if self.max_products > 0 {
             self.coll
-                .find(self.with_filter(searchable_filter()))
+                .find(self.with_filter(self.has_image_filter()))
                 .sort(doc! { "_id": 1 })
                 .limit(self.max_products as i64)
         } else {
             self.coll.find(self.filter.clone().unwrap_or_default())
         };
-        let find = find.projection(doc! { "productImage": 1 }).batch_size(5000);
+        let mut projection = Document::new();
+        for path in &self.image_paths {
+            projection.insert(path[0].as_str(), 1);
+        }
+        let find = find.projection(projection).batch_size(5000);
         let mut cursor = find.await?;
         let mut out = Vec::new();
+        let mut urls = Vec::new();
         while let Some(d) = cursor.try_next().await? {
-            let (Some(id), Ok(url)) = (d.get("_id"), d.get_str("productImage")) else {
+            let Some(id) = d.get("_id") else {
                 continue;
             };
-            let url = url.trim();
-            if !url.is_empty() {
-                out.push(ProductRef {
-                    id: ProductId::from_bson(id.clone()),
-                    image_url: url.to_string(),
-                });
+            urls.clear();
+            for path in &self.image_paths {
+                if let Some(v) = d.get(&path[0]) {
+                    images_at(v, &path[1..], &mut urls);
+                }
+            }
+            let id = ProductId::from_bson(id.clone());
+            for (i, url) in urls.iter().enumerate() {
+                if !urls[..i].contains(url) {
+                    out.push(ImageKey::new(id.clone(), url.as_str()));
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Products with something at one of the image paths (the values are checked as
+    /// they are read).
+    fn has_image_filter(&self) -> Document {
+        let any: Vec<Document> = self
+            .image_paths
+            .iter()
+            .map(|p| doc! { p.join("."): { "$exists": true, "$ne": "" } })
+            .collect();
+        match any.len() {
+            1 => any.into_iter().next().unwrap_or_default(),
+            _ => doc! { "$or": any },
+        }
+    }
+
+    /// The product whose `_id` is `id` as the frontend sends it (the hex of an ObjectId,
+    /// or a string `_id`), if it exists and matches PRODUCT_FILTER.
+    pub async fn searchable_id(&self, id: &str) -> mongodb::error::Result<Option<ProductId>> {
+        let mut candidates = vec![Bson::String(id.to_string())];
+        if let Ok(oid) = ObjectId::parse_str(id) {
+            candidates.insert(0, Bson::ObjectId(oid));
+        }
+        let found = self
+            .coll
+            .find_one(self.with_filter(doc! { "_id": { "$in": candidates } }))
+            .projection(doc! { "_id": 1 })
+            .await?;
+        Ok(found.and_then(|d| d.get("_id").cloned().map(ProductId::from_bson)))
     }
 
     pub async fn count_all(&self) -> mongodb::error::Result<u64> {
@@ -121,8 +163,33 @@ impl Catalog {
     }
 }
 
-pub fn searchable_filter() -> Document {
-    doc! { "productImage": { "$type": "string", "$ne": "" } }
+/// The image URLs at `path` under `v`: strings, objects' `url` strings, through arrays
+/// at any level (as MongoDB reads dotted paths); blank strings skipped.
+fn images_at(v: &Bson, path: &[String], out: &mut Vec<String>) {
+    match (v, path.split_first()) {
+        (Bson::Array(items), _) => {
+            for item in items {
+                images_at(item, path, out);
+            }
+        }
+        (Bson::String(s), None) => {
+            let s = s.trim();
+            if !s.is_empty() {
+                out.push(s.to_string());
+            }
+        }
+        (Bson::Document(d), None) => {
+            if let Ok(url) = d.get_str("url") {
+                images_at(&Bson::String(url.to_string()), &[], out);
+            }
+        }
+        (Bson::Document(d), Some((field, rest))) => {
+            if let Some(inner) = d.get(field) {
+                images_at(inner, rest, out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// BSON -> the JSON the old service produced: ObjectIds as hex strings, dates as
@@ -173,6 +240,36 @@ fn iso_millis(s: &str) -> String {
 mod tests {
     use super::*;
     use mongodb::bson::{oid::ObjectId, DateTime};
+
+    #[test]
+    fn images_are_found_in_every_shape() {
+        let d = doc! {
+            "productImage": " http://x/a.jpg ",
+            "image": { "url": "http://x/b.jpg", "public_id": "b" },
+            "images": ["http://x/c.jpg", { "url": "http://x/d.jpg" }, 5, "", ["http://x/e.jpg"]],
+            "gallery": [{ "src": { "url": "http://x/f.jpg" } }, { "src": "http://x/g.jpg" }],
+            "avatar": null,
+        };
+        let found = |path: &str| {
+            let path: Vec<String> = path.split('.').map(str::to_string).collect();
+            let mut out = Vec::new();
+            if let Some(v) = d.get(&path[0]) {
+                images_at(v, &path[1..], &mut out);
+            }
+            out
+        };
+        assert_eq!(found("productImage"), ["http://x/a.jpg"]);
+        assert_eq!(found("image"), ["http://x/b.jpg"]);
+        assert_eq!(found("image.url"), ["http://x/b.jpg"]);
+        assert_eq!(
+            found("images"),
+            ["http://x/c.jpg", "http://x/d.jpg", "http://x/e.jpg"]
+        );
+        assert_eq!(found("gallery.src"), ["http://x/f.jpg", "http://x/g.jpg"]);
+        assert!(found("avatar").is_empty());
+        assert!(found("missing.url").is_empty());
+        assert!(found("image.public_id.x").is_empty());
+    }
 
     #[test]
     fn bson_converts_like_the_old_service() {

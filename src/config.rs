@@ -280,6 +280,10 @@ pub struct CatalogSettings {
     /// it re-embedded every product per search; with stored embeddings it does not.
     #[arg(long, value_parser = Var(number::<usize>), default_value = "0")]
     pub max_products: usize,
+    /// Where a product's photos are: dotted paths (`image.url,images`); the value at a
+    /// path may be a URL, an object with a `url`, or an array of either.
+    #[arg(long, value_parser = Var(field_path), value_delimiter = ',', default_value = "productImage")]
+    pub product_image_field: Vec<String>,
     /// Which products are searchable: a MongoDB query document in extended JSON, e.g.
     /// `{"isHidden": {"$ne": true}}`. None: every product with a photo.
     #[arg(long, value_parser = Var(query_document))]
@@ -484,6 +488,19 @@ fn secs(s: &str) -> Result<Duration, String> {
 }
 
 /// A MongoDB query document written in (relaxed or canonical) extended JSON.
+/// A dotted path of field names: no empty segment, no `$` operator.
+fn field_path(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.split('.')
+        .any(|seg| seg.is_empty() || seg.starts_with('$'))
+    {
+        return Err(format!(
+            "invalid field path {s:?}: dotted field names like image.url"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn query_document(s: &str) -> Result<mongodb::bson::Document, String> {
     let value: serde_json::Value =
         serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))?;
@@ -674,6 +691,25 @@ mod tests {
             let e = with(&[("PRODUCT_FILTER", value)]).unwrap_err().to_string();
             assert!(
                 e.starts_with("configuration error in PRODUCT_FILTER: ") && e.contains(why),
+                "{value}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn product_image_field_is_a_list_of_dotted_paths() {
+        assert_eq!(
+            Config::defaults().catalog.product_image_field,
+            ["productImage"]
+        );
+        let c = with(&[("PRODUCT_IMAGE_FIELD", "image.url, images")]).unwrap();
+        assert_eq!(c.catalog.product_image_field, ["image.url", "images"]);
+        for value in ["image..url", "images,", "$where"] {
+            let e = with(&[("PRODUCT_IMAGE_FIELD", value)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("configuration error in PRODUCT_IMAGE_FIELD: "),
                 "{value}: {e}"
             );
         }

@@ -78,6 +78,12 @@ pub enum AppError {
     /// 403: a protected endpoint called with the wrong credentials.
     #[error("{0}")]
     Forbidden(String),
+    /// 404: what the request names does not exist (a product id).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: what the request names is not ready yet (a product not embedded yet).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     Image(#[from] ImageError),
     #[error("{0}")]
@@ -122,6 +128,8 @@ impl AppError {
             AppError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AppError::NotFound(_) => StatusCode::NOT_FOUND,
+            AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::Image(ImageError::UnsupportedFormat | ImageError::UnsupportedFeature(_)) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }

@@ -1,50 +1,88 @@
-//! Ranking stored product vectors against a query: cosine similarity (vectors are unit
-//! length, so a dot product), keep `>= threshold`, best `k` first. Two sources with the
-//! same results: vectors streamed from MongoDB (memory flat in catalogue size) or an
-//! in-memory cache in one contiguous array.
+//! Ranking stored image vectors against a query: cosine similarity (vectors are unit
+//! length, so a dot product), keep `>= threshold`, best `k` products first, each
+//! product once with its best image. Two sources with the same results: vectors
+//! streamed from MongoDB (memory flat in catalogue size) or an in-memory cache in one
+//! contiguous array.
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use mongodb::bson::DateTime;
 use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
-use crate::store::{le_floats, raw_meta, raw_vector, ProductId, StoredMeta};
+use crate::store::{le_floats, raw_meta, raw_vector, ImageKey, ProductId, StoredMeta};
 
+/// A ranked product: its best image and that image's score.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scored {
     pub id: ProductId,
+    pub image: String,
     pub score: f32,
 }
 
-/// Bounded best-k with a threshold: a min-heap of the k best seen so far.
+/// What to rank for: one query vector (a search) or several (a product's photos, when
+/// looking for similar products: a product's score is then its best pair's), the best
+/// `k` products at or above `threshold`, leaving out `exclude`.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    pub queries: &'a [&'a [f32]],
+    pub k: usize,
+    pub threshold: f32,
+    pub exclude: Option<&'a ProductId>,
+}
+
+impl<'a> Ask<'a> {
+    /// One query, nothing left out.
+    pub fn one(query: &'a [&'a [f32]; 1], k: usize, threshold: f32) -> Self {
+        Self {
+            queries: query,
+            k,
+            threshold,
+            exclude: None,
+        }
+    }
+
+    fn dim(&self) -> Option<usize> {
+        let dim = self.queries.first()?.len();
+        self.queries.iter().all(|q| q.len() == dim).then_some(dim)
+    }
+}
+
+/// Bounded best-k products with a threshold: the k best products seen so far, ordered,
+/// and each one's best image.
 pub struct TopK {
     k: usize,
     threshold: f32,
-    heap: BinaryHeap<MinScore>,
+    exclude: Option<ProductId>,
+    order: BTreeSet<Entry>,
+    best: HashMap<ProductId, (f32, String)>,
 }
 
-struct MinScore(Scored);
+/// A kept product in ranking order: higher score first, ties broken by id text so both
+/// ranking modes agree exactly.
+struct Entry {
+    score: f32,
+    key: String,
+    id: ProductId,
+}
 
-impl PartialEq for MinScore {
+impl PartialEq for Entry {
     fn eq(&self, o: &Self) -> bool {
         self.cmp(o) == Ordering::Equal
     }
 }
-impl Eq for MinScore {}
-impl PartialOrd for MinScore {
+impl Eq for Entry {}
+impl PartialOrd for Entry {
     fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
         Some(self.cmp(o))
     }
 }
-impl Ord for MinScore {
-    // Reversed so the heap's top is the worst kept result; ties broken by id so both
-    // ranking modes agree exactly.
+impl Ord for Entry {
     fn cmp(&self, o: &Self) -> Ordering {
-        o.0.score
-            .total_cmp(&self.0.score)
-            .then_with(|| self.0.id.to_string().cmp(&o.0.id.to_string()))
+        o.score
+            .total_cmp(&self.score)
+            .then_with(|| self.key.cmp(&o.key))
     }
 }
 
@@ -53,8 +91,16 @@ impl TopK {
         Self {
             k,
             threshold,
-            heap: BinaryHeap::with_capacity(k + 1),
+            exclude: None,
+            order: BTreeSet::new(),
+            best: HashMap::with_capacity(k + 1),
         }
+    }
+
+    fn for_ask(ask: &Ask<'_>) -> Self {
+        let mut top = Self::new(ask.k, ask.threshold);
+        top.exclude = ask.exclude.cloned();
+        top
     }
 
     /// Whether a score could enter (checked before building the id).
@@ -62,28 +108,63 @@ impl TopK {
     pub fn admits(&self, score: f32) -> bool {
         score >= self.threshold
             && self.k > 0
-            && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| score >= w.0.score))
+            && (self.order.len() < self.k || self.order.last().is_some_and(|w| score >= w.score))
     }
 
-    pub fn push(&mut self, id: ProductId, score: f32) {
-        if !self.admits(score) {
+    /// Offers one image of a product. A product keeps its best image (on equal scores the
+    /// smaller URL, whatever the order they come in).
+    pub fn push(&mut self, id: &ProductId, image: &str, score: f32) {
+        if !self.admits(score) || self.exclude.as_ref() == Some(id) {
             return;
         }
-        self.heap.push(MinScore(Scored { id, score }));
-        if self.heap.len() > self.k {
-            self.heap.pop();
+        if let Some((kept, kept_image)) = self.best.get_mut(id) {
+            let better = match score.total_cmp(kept) {
+                Ordering::Greater => true,
+                Ordering::Equal => image < kept_image.as_str(),
+                Ordering::Less => false,
+            };
+            if better {
+                let key = id.to_string();
+                self.order.remove(&Entry {
+                    score: *kept,
+                    key: key.clone(),
+                    id: id.clone(),
+                });
+                self.order.insert(Entry {
+                    score,
+                    key,
+                    id: id.clone(),
+                });
+                (*kept, *kept_image) = (score, image.to_string());
+            }
+            return;
+        }
+        self.best.insert(id.clone(), (score, image.to_string()));
+        self.order.insert(Entry {
+            score,
+            key: id.to_string(),
+            id: id.clone(),
+        });
+        if self.order.len() > self.k {
+            if let Some(worst) = self.order.pop_last() {
+                self.best.remove(&worst.id);
+            }
         }
     }
 
     /// Best first.
-    pub fn into_sorted(self) -> Vec<Scored> {
-        let mut v: Vec<Scored> = self.heap.into_iter().map(|m| m.0).collect();
-        v.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| a.id.to_string().cmp(&b.id.to_string()))
-        });
-        v
+    pub fn into_sorted(mut self) -> Vec<Scored> {
+        self.order
+            .into_iter()
+            .filter_map(|e| {
+                let (score, image) = self.best.remove(&e.id)?;
+                Some(Scored {
+                    id: e.id,
+                    image,
+                    score,
+                })
+            })
+            .collect()
     }
 }
 
@@ -187,45 +268,48 @@ unsafe fn scan_avx2(vectors: &[f32], dim: usize, query: &[f32], f: impl FnMut(us
     scan_portable(vectors, dim, query, f)
 }
 
-/// Ranks vectors streamed from a MongoDB cursor, one batch at a time.
+/// Ranks vectors streamed from a MongoDB cursor, one batch at a time (one read of the
+/// vectors whatever the number of queries).
 pub async fn rank_stream(
     mut cursor: Cursor<RawDocumentBuf>,
     model: &str,
-    query: &[f32],
-    k: usize,
-    threshold: f32,
+    ask: Ask<'_>,
 ) -> mongodb::error::Result<Vec<Scored>> {
-    let mut top = TopK::new(k, threshold);
-    let want = query.len() * 4;
-    let mut row = Vec::with_capacity(query.len());
+    let Some(dim) = ask.dim() else {
+        return Ok(Vec::new());
+    };
+    let mut top = TopK::for_ask(&ask);
+    let mut row = Vec::with_capacity(dim);
     while cursor.advance().await? {
-        let Some((id, bytes)) = raw_vector(cursor.current(), model) else {
+        let Some(v) = raw_vector(cursor.current(), model) else {
             continue;
         };
-        if bytes.len() != want {
+        if v.floats.len() != dim * 4 {
             continue; // another model's width: never comparable
         }
         // Floats first, then the same kernel as the cache: identical scores.
         row.clear();
-        row.extend(le_floats(bytes));
-        let score = dot(query, &row);
-        if top.admits(score) {
-            top.push(id, score);
+        row.extend(le_floats(v.floats));
+        for query in ask.queries {
+            let score = dot(query, &row);
+            if top.admits(score) {
+                top.push(&v.product, v.url, score);
+            }
         }
     }
     Ok(top.into_sorted())
 }
 
-/// Product vectors of one model in memory: one contiguous row-major array, the ids
-/// beside it, and an index from id to row for updates.
+/// Image vectors of one model in memory: one contiguous row-major array, the images
+/// beside it, and an index from image to row for updates.
 #[derive(Default)]
 pub struct VectorCache {
     pub model: String,
     dim: usize,
-    ids: Vec<ProductId>,
+    ids: Vec<ImageKey>,
     updated: Vec<DateTime>,
     vectors: Vec<f32>,
-    rows: HashMap<ProductId, usize>,
+    rows: HashMap<ImageKey, usize>,
 }
 
 impl VectorCache {
@@ -258,16 +342,16 @@ impl VectorCache {
         self.dim
     }
 
-    pub fn updated_at(&self, id: &ProductId) -> Option<DateTime> {
+    pub fn updated_at(&self, id: &ImageKey) -> Option<DateTime> {
         self.rows.get(id).map(|&r| self.updated[r])
     }
 
-    pub fn ids(&self) -> impl Iterator<Item = &ProductId> {
+    pub fn ids(&self) -> impl Iterator<Item = &ImageKey> {
         self.ids.iter()
     }
 
-    /// Inserts or replaces a product's vector (ignored if its width is not the model's).
-    pub fn upsert(&mut self, id: ProductId, vector: &[f32], updated: DateTime) {
+    /// Inserts or replaces an image's vector (ignored if its width is not the model's).
+    pub fn upsert(&mut self, id: ImageKey, vector: &[f32], updated: DateTime) {
         if vector.len() != self.dim {
             return;
         }
@@ -285,8 +369,8 @@ impl VectorCache {
         }
     }
 
-    /// Removes a product, moving the last row into its place.
-    pub fn remove(&mut self, id: &ProductId) {
+    /// Removes an image, moving the last row into its place.
+    pub fn remove(&mut self, id: &ImageKey) {
         let Some(r) = self.rows.remove(id) else {
             return;
         };
@@ -315,7 +399,7 @@ impl VectorCache {
     pub async fn load_with_metas(
         &mut self,
         mut cursor: Cursor<RawDocumentBuf>,
-        mut metas: Option<&mut HashMap<ProductId, StoredMeta>>,
+        mut metas: Option<&mut HashMap<ImageKey, StoredMeta>>,
     ) -> mongodb::error::Result<usize> {
         let mut n = 0;
         let mut buf = Vec::with_capacity(self.dim);
@@ -326,16 +410,16 @@ impl VectorCache {
                     metas.insert(id, meta);
                 }
             }
-            let Some((id, bytes)) = raw_vector(d, &self.model) else {
+            let Some(v) = raw_vector(d, &self.model) else {
                 continue;
             };
-            if bytes.len() != self.dim * 4 {
+            if v.floats.len() != self.dim * 4 {
                 continue;
             }
             buf.clear();
-            buf.extend(le_floats(bytes));
+            buf.extend(le_floats(v.floats));
             let updated = d.get_datetime("updated_at").ok().unwrap_or(DateTime::MIN);
-            self.upsert(id, &buf, updated);
+            self.upsert(v.key(), &buf, updated);
             n += 1;
         }
         Ok(n)
@@ -350,24 +434,22 @@ impl VectorCache {
     }
 
     pub fn rank(&self, query: &[f32], k: usize, threshold: f32) -> Vec<Scored> {
-        self.rank_with(query, k, threshold, parallelism(self.vectors.len()))
+        self.rank_ask(Ask::one(&[query], k, threshold))
     }
 
-    /// `rank` on `threads` threads, each over its share of the rows; the partial top-k
-    /// lists merge into the same result in any order (ties break by id).
-    pub fn rank_with(
-        &self,
-        query: &[f32],
-        k: usize,
-        threshold: f32,
-        threads: usize,
-    ) -> Vec<Scored> {
-        if query.len() != self.dim || self.dim == 0 {
+    pub fn rank_ask(&self, ask: Ask<'_>) -> Vec<Scored> {
+        self.rank_with(ask, parallelism(self.vectors.len()))
+    }
+
+    /// `rank_ask` on `threads` threads, each over its share of the rows; the partial
+    /// top-k lists merge into the same result in any order (ties break by id).
+    pub fn rank_with(&self, ask: Ask<'_>, threads: usize) -> Vec<Scored> {
+        if ask.dim() != Some(self.dim) || self.dim == 0 {
             return Vec::new();
         }
         let rows = self.ids.len();
         if threads <= 1 || rows < 2 {
-            return self.rank_rows(query, 0..rows, k, threshold).into_sorted();
+            return self.rank_rows(&ask, 0..rows).into_sorted();
         }
         let per = rows.div_ceil(threads);
         let parts: Vec<TopK> = std::thread::scope(|s| {
@@ -375,46 +457,47 @@ impl VectorCache {
                 .step_by(per)
                 .map(|from| {
                     let to = (from + per).min(rows);
-                    s.spawn(move || self.rank_rows(query, from..to, k, threshold))
+                    let ask = &ask;
+                    s.spawn(move || self.rank_rows(ask, from..to))
                 })
                 .collect();
             // The calling thread takes the first share.
-            let mut parts = vec![self.rank_rows(query, 0..per, k, threshold)];
+            let mut parts = vec![self.rank_rows(&ask, 0..per)];
             for h in others {
                 parts.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
             }
             parts
         });
-        let mut top = TopK::new(k, threshold);
+        let mut top = TopK::for_ask(&ask);
+        // A product's best image is in its share's list, so the merge is exact.
         for s in parts.into_iter().flat_map(TopK::into_sorted) {
-            top.push(s.id, s.score);
+            top.push(&s.id, &s.image, s.score);
         }
         top.into_sorted()
     }
 
-    fn rank_rows(
-        &self,
-        query: &[f32],
-        rows: std::ops::Range<usize>,
-        k: usize,
-        threshold: f32,
-    ) -> TopK {
-        let mut top = TopK::new(k, threshold);
+    fn rank_rows(&self, ask: &Ask<'_>, rows: std::ops::Range<usize>) -> TopK {
+        let mut top = TopK::for_ask(ask);
         let vectors = &self.vectors[rows.start * self.dim..rows.end * self.dim];
-        scan(vectors, self.dim, query, |i, score| {
-            if top.admits(score) {
-                top.push(self.ids[rows.start + i].clone(), score);
-            }
-        });
+        for query in ask.queries {
+            scan(vectors, self.dim, query, |i, score| {
+                if top.admits(score) {
+                    let key = &self.ids[rows.start + i];
+                    top.push(&key.product, &key.url, score);
+                }
+            });
+        }
         top
     }
 
-    /// Bytes held by vectors, ids and index (for the memory benchmark).
+    /// Bytes held by vectors, ids and index (for the memory benchmark; the URLs'
+    /// text counted once).
     pub fn heap_bytes(&self) -> usize {
         self.vectors.capacity() * 4
-            + self.ids.capacity() * std::mem::size_of::<ProductId>()
+            + self.ids.capacity() * std::mem::size_of::<ImageKey>()
+            + self.ids.iter().map(|k| k.url.capacity()).sum::<usize>()
             + self.updated.capacity() * 8
-            + self.rows.capacity() * (std::mem::size_of::<(ProductId, usize)>() + 1)
+            + self.rows.capacity() * (std::mem::size_of::<(ImageKey, usize)>() + 1)
     }
 }
 
@@ -427,11 +510,15 @@ mod tests {
         ProductId::Oid(ObjectId::from_bytes([n; 12]))
     }
 
+    fn img(n: u8) -> ImageKey {
+        ImageKey::new(id(n), format!("http://x/{n}.jpg"))
+    }
+
     #[test]
     fn topk_keeps_best_above_threshold_in_order() {
         let mut t = TopK::new(2, 0.5);
         for (n, s) in [(1, 0.4), (2, 0.9), (3, 0.6), (4, 0.95), (5, 0.5)] {
-            t.push(id(n), s);
+            t.push(&id(n), "u", s);
         }
         let r = t.into_sorted();
         assert_eq!(
@@ -439,6 +526,37 @@ mod tests {
             vec![0.95, 0.9]
         );
         assert_eq!(r[0].id, id(4));
+    }
+
+    #[test]
+    fn topk_keeps_each_product_once_with_its_best_image_in_any_order() {
+        let offers = [
+            (1, "a", 0.7),
+            (2, "b", 0.8),
+            (1, "c", 0.9),
+            (3, "d", 0.6),
+            (1, "e", 0.5),
+            (2, "f", 0.8),
+            (4, "g", 0.65),
+            (2, "a", 0.8),
+        ];
+        for rotation in 0..offers.len() {
+            let mut t = TopK::new(3, 0.0);
+            for (n, url, s) in offers.iter().cycle().skip(rotation).take(offers.len()) {
+                t.push(&id(*n), url, *s);
+            }
+            let r: Vec<_> = t
+                .into_sorted()
+                .into_iter()
+                .map(|s| (s.id, s.image, s.score))
+                .collect();
+            let want = vec![
+                (id(1), "c".to_string(), 0.9),
+                (id(2), "a".to_string(), 0.8),
+                (id(4), "g".to_string(), 0.65),
+            ];
+            assert_eq!(r, want, "rotation {rotation}");
+        }
     }
 
     #[test]
@@ -466,21 +584,25 @@ mod tests {
                     }
                 })
                 .collect();
+            // Two images a product, so the cut also has to keep each product once.
             c.upsert(
-                ProductId::from_bson(mongodb::bson::Bson::String(format!("p{n}"))),
+                ImageKey::new(
+                    ProductId::from_bson(mongodb::bson::Bson::String(format!("p{}", n / 2))),
+                    format!("u{n}"),
+                ),
                 &v,
                 DateTime::MIN,
             );
         }
         let q: Vec<f32> = (0..dim).map(|j| (j as f32 + 1.0) / 10.0).collect();
         for k in [1, 5, 50, 700] {
-            let one = c.rank_with(&q, k, 0.0, 1);
+            let one = c.rank_with(Ask::one(&[&q], k, 0.0), 1);
             assert_eq!(one.len(), k);
             for threads in [2, 3, 4, 7] {
-                let many = c.rank_with(&q, k, 0.0, threads);
+                let many = c.rank_with(Ask::one(&[&q], k, 0.0), threads);
                 let ids = |r: &[Scored]| {
                     r.iter()
-                        .map(|s| (s.id.clone(), s.score))
+                        .map(|s| (s.id.clone(), s.image.clone(), s.score))
                         .collect::<Vec<_>>()
                 };
                 assert_eq!(ids(&many), ids(&one), "k {k}, {threads} threads");
@@ -514,19 +636,44 @@ mod tests {
     #[test]
     fn cache_upsert_remove_and_rank() {
         let mut c = VectorCache::new("m".into(), 2);
-        c.upsert(id(1), &[1.0, 0.0], DateTime::MIN);
-        c.upsert(id(2), &[0.0, 1.0], DateTime::MIN);
-        c.upsert(id(3), &[0.6, 0.8], DateTime::MIN);
-        c.upsert(id(1), &[0.8, 0.6], DateTime::MIN);
-        c.remove(&id(2));
+        c.upsert(img(1), &[1.0, 0.0], DateTime::MIN);
+        c.upsert(img(2), &[0.0, 1.0], DateTime::MIN);
+        c.upsert(img(3), &[0.6, 0.8], DateTime::MIN);
+        c.upsert(img(1), &[0.8, 0.6], DateTime::MIN);
+        c.remove(&img(2));
         assert_eq!(c.len(), 2);
         let r = c.rank(&[1.0, 0.0], 10, 0.0);
         assert_eq!(
             r.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
             vec![id(1), id(3)]
         );
-        c.remove(&id(1));
-        c.remove(&id(3));
+        // Several queries: each product's best pair; one product left out.
+        c.upsert(ImageKey::new(id(3), "second"), &[0.0, 1.0], DateTime::MIN);
+        let (qa, qb): (&[f32], &[f32]) = (&[1.0, 0.0], &[0.0, 1.0]);
+        let ask = Ask {
+            queries: &[qa, qb],
+            k: 10,
+            threshold: 0.0,
+            exclude: None,
+        };
+        let r: Vec<_> = c
+            .rank_ask(ask)
+            .into_iter()
+            .map(|s| (s.id, s.image, s.score))
+            .collect();
+        assert_eq!(
+            r,
+            vec![(id(3), "second".to_string(), 1.0), (id(1), img(1).url, 0.8)]
+        );
+        let r = c.rank_ask(Ask {
+            exclude: Some(&id(3)),
+            ..ask
+        });
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, id(1));
+        c.remove(&ImageKey::new(id(3), "second"));
+        c.remove(&img(1));
+        c.remove(&img(3));
         assert!(c.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use crate::embedder::{ms_since, Embedder};
 use crate::error::{AppError, DatabaseError};
 use crate::fetch::Fetcher;
 use crate::indexer::Indexer;
-use crate::rank::Scored;
+use crate::rank::{Ask, Scored};
 use crate::store::ProductId;
 use crate::vectors::{RankQuery, VectorIndex};
 
@@ -23,6 +23,8 @@ pub struct SearchResult {
     pub product: Value,
     pub similarity_score: f32,
     pub rank: usize,
+    /// The URL of the product's image that matched best (it has one or several).
+    pub matched_image: String,
 }
 
 /// Where one search's time went, in milliseconds (sent as the `Server-Timing` header).
@@ -122,15 +124,80 @@ impl Search {
         let (q, pass_ms) = tokio::try_join!(embed, pass)?;
         (tm.load_ms, tm.decode_ms, tm.model_ms, tm.pass_ms) =
             (q.load_ms, q.decode_ms, q.model_ms, pass_ms);
-        // A few spare candidates, in case products were deleted or hidden since the last
-        // pass; when even those run out, four times as many, and so on.
-        let mut want = query.top_k + query.top_k / 2 + 2;
         let model = q.model.identity().key();
+        let results = self
+            .rank_and_join(&model, &[&q.vector], None, query, &mut tm)
+            .await?;
+        tm.total_ms = ms_since(start);
+        Ok((results, tm))
+    }
+
+    /// Products similar to product `id` (its `_id` as the frontend sends it: ObjectId
+    /// hex or another string), from its stored embeddings: no image fetch and no model
+    /// run; the best pair of photos counts, and the product itself is left out. Like a
+    /// search it first brings the embeddings up to date when a pass is due, and when the
+    /// product has none yet, waits for a pass (at most SEARCH_SYNC_WAIT_SECS) that sees
+    /// it; still none: 409.
+    pub async fn similar(&self, id: &str, query: &RankQuery) -> Result<Searched, AppError> {
+        let start = Instant::now();
+        self.fail_fast_if_database_down()?;
+        let mut tm = SearchTimings::default();
+        let t = Instant::now();
+        let product =
+            self.catalog.searchable_id(id).await?.ok_or_else(|| {
+                AppError::NotFound(format!("no searchable product with _id {id:?}"))
+            })?;
+        let pass = async {
+            self.indexer.pass_if_due().await;
+            Ok(())
+        };
+        let model = async { Ok::<_, AppError>(self.embedder.model().await?) };
+        let (model, ()) = tokio::try_join!(model, pass)?;
+        let model = model.identity().key();
+        let mut own = self.vectors.vectors_of(&model, &product).await?;
+        if own.is_empty() {
+            let _ = tokio::time::timeout(self.indexer.search_wait(), self.indexer.pass_now()).await;
+            own = self.vectors.vectors_of(&model, &product).await?;
+        }
+        if own.is_empty() {
+            return Err(AppError::Conflict(format!(
+                "the embeddings of product {id} are not computed yet (or none of its images \
+                 could be used): try again in a moment"
+            )));
+        }
+        tm.pass_ms = ms_since(t);
+        let queries: Vec<&[f32]> = own.iter().map(|(_, v)| v.as_slice()).collect();
+        let results = self
+            .rank_and_join(&model, &queries, Some(&product), query, &mut tm)
+            .await?;
+        tm.total_ms = ms_since(start);
+        Ok((results, tm))
+    }
+
+    /// Ranks and joins the product documents, until `top_k` products are found or the
+    /// candidates run out: a few spare candidates first, in case products were deleted
+    /// or hidden since the last pass; when even those run out, four times as many, and
+    /// so on.
+    async fn rank_and_join(
+        &self,
+        model: &str,
+        queries: &[&[f32]],
+        exclude: Option<&ProductId>,
+        query: &RankQuery,
+        tm: &mut SearchTimings,
+    ) -> Result<Vec<SearchResult>, AppError> {
+        let mut want = query.top_k + query.top_k / 2 + 2;
         let mut results = Vec::with_capacity(query.top_k);
         let mut examined = 0;
         loop {
             let t = Instant::now();
-            let scored = self.vectors.rank(&model, &q.vector, want, query).await?;
+            let ask = Ask {
+                queries,
+                k: want,
+                threshold: query.threshold,
+                exclude,
+            };
+            let scored = self.vectors.rank(model, ask).await?;
             tm.rank_ms += ms_since(t);
             let t = Instant::now();
             let more = scored.len() == want;
@@ -140,12 +207,10 @@ impl Search {
                 .await?;
             tm.join_ms += ms_since(t);
             if results.len() >= query.top_k || !more {
-                break;
+                return Ok(results);
             }
             want *= 4;
         }
-        tm.total_ms = ms_since(start);
-        Ok((results, tm))
     }
 
     /// A search needs MongoDB (at least to read the products it returns): while the
@@ -182,6 +247,7 @@ impl Search {
                         // Rounding can put an identical image a hair above 1.
                         similarity_score: s.score.clamp(-1.0, 1.0),
                         rank: out.len() + 1,
+                        matched_image: s.image.clone(),
                     });
                 }
             }

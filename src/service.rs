@@ -170,12 +170,9 @@ impl AppState {
         let this = &self.0;
         let encoder = this.embedder.loaded();
         let total_products = this.catalog.count_all().await?;
-        let (indexed, failed) = match &encoder {
-            Some(e) => {
-                let (ok, failed) = this.vectors.counts(&e.identity().key()).await?;
-                (Some(ok), Some(failed))
-            }
-            None => (None, None),
+        let counts = match &encoder {
+            Some(e) => Some(this.vectors.counts(&e.identity().key()).await?),
+            None => None,
         };
         Ok(Status {
             model_loaded: encoder.is_some(),
@@ -185,8 +182,10 @@ impl AppState {
             stop_spinning_after_run: this.session.stop_spinning_after_run,
             model_runs: encoder.as_ref().map_or(0, |e| e.runs()),
             total_products,
-            products_with_features: indexed,
-            failed_products: failed,
+            products_with_features: counts.map(|c| c.ok.1),
+            failed_products: counts.map(|c| c.failed.1),
+            images_with_features: counts.map(|c| c.ok.0),
+            failed_images: counts.map(|c| c.failed.0),
             caching_enabled: this.vectors.caching(),
             cached_vectors: this.vectors.cached().await,
             index_pass: this.indexer.progress(),
@@ -209,10 +208,15 @@ pub struct Status {
     /// Model runs since start (each batch counts once).
     pub model_runs: u64,
     pub total_products: u64,
-    /// Products with a stored embedding for the loaded model (null before it loads).
+    /// Products with a stored embedding for the loaded model, of at least one of their
+    /// images (null before the model loads).
     pub products_with_features: Option<u64>,
-    /// Products whose image could not be fetched or decoded (retried later).
+    /// Products with an image that could not be fetched or decoded (retried later).
     pub failed_products: Option<u64>,
+    /// Product images with a stored embedding for the loaded model.
+    pub images_with_features: Option<u64>,
+    /// Product images that could not be fetched or decoded (retried later).
+    pub failed_images: Option<u64>,
     pub caching_enabled: bool,
     pub cached_vectors: usize,
     /// The index pass under way, or the last one (a refresh answered 202 goes on here).

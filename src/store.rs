@@ -1,14 +1,22 @@
 //! Product embeddings, kept in a MongoDB collection of our own (never the shop's).
 //!
-//! One document per product, `_id` = the product's `_id`:
-//! `{ image_url, model, dim, vector: Binary(subtype 9, float32), status: "ok", updated_at }`
-//! or, when the image could not be used, `{ image_url, model, status: "failed", error,
-//! updated_at }`. Each document is written whole in one operation, so a crash leaves
-//! either the old document or the new one: never a vector for the wrong image or model.
+//! One document per product image, `_id` = `{ p: <the product's _id>, u: <image URL> }`
+//! (the same for every instance, so writes are idempotent upserts):
+//! `{ product, image_url, model, dim, vector: Binary(subtype 9, float32), status: "ok",
+//! updated_at }` or, when the image could not be used, `{ product, image_url, model,
+//! status: "failed", error, updated_at }`. Flat documents, one vector each, as Atlas
+//! Vector Search indexes them. Each document is written whole in one operation, so a
+//! crash leaves either the old document or the new one: never a vector for the wrong
+//! image or model.
+//!
+//! Versions before several photos per product stored one document per product with
+//! `_id` = the product's `_id` and no `product` field; `migrate_layout` carries those
+//! over, and until it has, readers take them as the image they name.
 
 use std::collections::HashMap;
 use std::fmt;
 
+use futures::TryStreamExt;
 use mongodb::bson::{
     self, doc, oid::ObjectId, spec::BinarySubtype, Binary, Bson, DateTime, Document, RawDocumentBuf,
 };
@@ -84,10 +92,30 @@ impl fmt::Display for ProductId {
     }
 }
 
-/// What we know about a product's stored embedding, without its vector.
+/// One image of a product: what an embedding document is stored for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageKey {
+    pub product: ProductId,
+    pub url: String,
+}
+
+impl ImageKey {
+    pub fn new(product: ProductId, url: impl Into<String>) -> Self {
+        Self {
+            product,
+            url: url.into(),
+        }
+    }
+
+    /// The embedding document's `_id` (fields in this order: `_id` matches are exact).
+    pub fn doc_id(&self) -> Bson {
+        Bson::Document(doc! { "p": self.product.to_bson(), "u": &self.url })
+    }
+}
+
+/// What we know about an image's stored embedding, without its vector.
 #[derive(Clone, Debug)]
 pub struct StoredMeta {
-    pub image_url: String,
     pub model: String,
     pub ok: bool,
     pub updated_at: DateTime,
@@ -149,27 +177,72 @@ impl EmbeddingStore {
         }
     }
 
-    /// The index the ranking scan uses; creating it again is a no-op.
+    /// The indexes the counts and the product lookups use; creating them again is a
+    /// no-op.
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
-        let model = IndexModel::builder()
-            .keys(doc! { "model": 1, "status": 1 })
-            .options(
-                IndexOptions::builder()
-                    .name("model_status".to_string())
-                    .build(),
-            )
-            .build();
-        self.coll.create_index(model).await.map(|_| ())
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_string()).build())
+                .build()
+        };
+        self.coll
+            .create_indexes([
+                index(doc! { "model": 1, "status": 1 }, "model_status"),
+                index(doc! { "product": 1 }, "product"),
+            ])
+            .await
+            .map(|_| ())
+    }
+
+    /// Carries documents of the one-per-product layout over to the per-image one,
+    /// vectors and all (nothing is recomputed): each is upserted under its new `_id`
+    /// first and deleted under its old one after, so a crash in between leaves a
+    /// duplicate that readers collapse and the next call removes. Returns how many
+    /// were carried over.
+    pub async fn migrate_layout(&self) -> Result<u64, DatabaseError> {
+        let mut moved = 0;
+        loop {
+            let old: Vec<Document> = self
+                .coll
+                .find(doc! { "product": { "$exists": false } })
+                .limit(1000)
+                .await?
+                .try_collect()
+                .await?;
+            if old.is_empty() {
+                return Ok(moved);
+            }
+            let (mut upserts, mut old_ids) = (Vec::new(), Vec::new());
+            for mut d in old {
+                let Some(old_id) = d.remove("_id") else {
+                    continue;
+                };
+                let url = d.get_str("image_url").unwrap_or_default().to_string();
+                let key = ImageKey::new(ProductId::from_bson(old_id.clone()), url);
+                let mut new = doc! { "_id": key.doc_id(), "product": old_id.clone() };
+                new.extend(d);
+                upserts.push(new);
+                old_ids.push(old_id);
+            }
+            self.upsert_all(upserts).await?;
+            moved += old_ids.len() as u64;
+            self.coll
+                .delete_many(doc! { "_id": { "$in": old_ids } })
+                .await?;
+        }
     }
 
     /// Every stored embedding's metadata (no vectors: cheap to read), parsed from raw
     /// documents. (With `CACHE_PRODUCTS=true` the service reads the metadata from the
     /// same scan that loads its cache instead: `VectorCache::load_with_metas`.)
-    pub async fn metas(&self) -> mongodb::error::Result<HashMap<ProductId, StoredMeta>> {
+    pub async fn metas(&self) -> mongodb::error::Result<HashMap<ImageKey, StoredMeta>> {
         let mut cursor = self
             .raw
             .find(doc! {})
-            .projection(doc! { "image_url": 1, "model": 1, "status": 1, "updated_at": 1 })
+            .projection(
+                doc! { "product": 1, "image_url": 1, "model": 1, "status": 1, "updated_at": 1 },
+            )
             .batch_size(5000)
             .await?;
         let mut out = HashMap::new();
@@ -181,37 +254,49 @@ impl EmbeddingStore {
         Ok(out)
     }
 
-    /// Stores a batch of vectors (`(product, image URL, vector)`) with one `update`
-    /// command of one upserted replacement per product (the document layout above).
-    /// One round trip instead of one per product, and one command for the server to log:
-    /// against SecantusDB a `replace_one` each (a retryable write) cost the server about
-    /// 7 ms of CPU per product, on the cores the model needs, and this 0.4 ms. Idempotent,
-    /// so not retried here: a failed batch fails the pass and the next pass redoes it.
+    /// Stores a batch of vectors (`(image, vector)`, the document layout above) and
+    /// returns their update time.
     pub async fn put_vectors(
         &self,
-        items: &[(&ProductId, &str, &[f32])],
+        items: &[(&ImageKey, &[f32])],
         model: &str,
     ) -> Result<DateTime, DatabaseError> {
         let now = DateTime::now();
-        if items.is_empty() {
-            return Ok(now);
-        }
-        let updates: Vec<Document> = items
+        let docs = items
             .iter()
-            .map(|(id, image_url, vector)| {
+            .map(|(key, vector)| {
                 doc! {
-                    "q": { "_id": id.to_bson() },
-                    "u": {
-                        "_id": id.to_bson(),
-                        "image_url": *image_url,
-                        "model": model,
-                        "dim": vector.len() as i32,
-                        "vector": encode_vector(vector),
-                        "status": "ok",
-                        "updated_at": now,
-                    },
-                    "upsert": true,
+                    "_id": key.doc_id(),
+                    "product": key.product.to_bson(),
+                    "image_url": &key.url,
+                    "model": model,
+                    "dim": vector.len() as i32,
+                    "vector": encode_vector(vector),
+                    "status": "ok",
+                    "updated_at": now,
                 }
+            })
+            .collect();
+        self.upsert_all(docs).await?;
+        Ok(now)
+    }
+
+    /// Writes whole documents by `_id` with one `update` command of one upserted
+    /// replacement each. One round trip instead of one per document, and one command for
+    /// the server to log: against SecantusDB a `replace_one` each (a retryable write)
+    /// cost the server about 7 ms of CPU per product, on the cores the model needs, and
+    /// this 0.4 ms. Idempotent, so not retried here: a failed batch fails the pass and
+    /// the next pass redoes it.
+    async fn upsert_all(&self, docs: Vec<Document>) -> Result<(), DatabaseError> {
+        if docs.is_empty() {
+            return Ok(());
+        }
+        let n = docs.len();
+        let updates: Vec<Document> = docs
+            .into_iter()
+            .map(|d| {
+                let id = d.get("_id").cloned().unwrap_or(Bson::Null);
+                doc! { "q": { "_id": id }, "u": d, "upsert": true }
             })
             .collect();
         let mut cmd = doc! {
@@ -232,7 +317,7 @@ impl EmbeddingStore {
             if let Some(Bson::Document(first)) = errors.first() {
                 return Err(DatabaseError::Write(format!(
                     "storing {} embeddings: {} failed, first: {}",
-                    items.len(),
+                    n,
                     errors.len(),
                     first.get_str("errmsg").unwrap_or("unknown error")
                 )));
@@ -244,35 +329,35 @@ impl EmbeddingStore {
                 wce.get_str("errmsg").unwrap_or("unknown error")
             )));
         }
-        Ok(now)
+        Ok(())
     }
 
     pub async fn put_failure(
         &self,
-        id: &ProductId,
-        image_url: &str,
+        key: &ImageKey,
         model: &str,
         error: &str,
     ) -> mongodb::error::Result<()> {
         let d = doc! {
-            "_id": id.to_bson(),
-            "image_url": image_url,
+            "_id": key.doc_id(),
+            "product": key.product.to_bson(),
+            "image_url": &key.url,
             "model": model,
             "status": "failed",
             "error": error,
             "updated_at": DateTime::now(),
         };
         self.coll
-            .replace_one(doc! { "_id": id.to_bson() }, d)
+            .replace_one(doc! { "_id": key.doc_id() }, d)
             .upsert(true)
             .await
             .map(|_| ())
     }
 
-    pub async fn delete(&self, ids: &[ProductId]) -> mongodb::error::Result<u64> {
+    pub async fn delete(&self, keys: &[ImageKey]) -> mongodb::error::Result<u64> {
         let mut deleted = 0;
-        for chunk in ids.chunks(1000) {
-            let ids: Vec<Bson> = chunk.iter().map(ProductId::to_bson).collect();
+        for chunk in keys.chunks(1000) {
+            let ids: Vec<Bson> = chunk.iter().map(ImageKey::doc_id).collect();
             deleted += self
                 .coll
                 .delete_many(doc! { "_id": { "$in": ids } })
@@ -291,17 +376,34 @@ impl EmbeddingStore {
     pub async fn vectors(
         &self,
         model: &str,
-        ids: Option<&[ProductId]>,
+        keys: Option<&[ImageKey]>,
         batch_size: u32,
     ) -> mongodb::error::Result<Cursor<RawDocumentBuf>> {
-        let filter = match ids {
+        let filter = match keys {
             None => doc! {},
-            Some(ids) => {
-                let ids: Vec<Bson> = ids.iter().map(ProductId::to_bson).collect();
+            Some(keys) => {
+                let ids: Vec<Bson> = keys.iter().map(ImageKey::doc_id).collect();
                 doc! { "model": model, "status": "ok", "_id": { "$in": ids } }
             }
         };
         self.raw.find(filter).batch_size(batch_size).await
+    }
+
+    /// The usable vectors of `model` stored for `product`'s images: (URL, vector).
+    pub async fn vectors_of(
+        &self,
+        model: &str,
+        product: &ProductId,
+    ) -> mongodb::error::Result<Vec<(String, Vec<f32>)>> {
+        let filter = doc! { "model": model, "status": "ok", "product": product.to_bson() };
+        let mut cursor = self.raw.find(filter).await?;
+        let mut out = Vec::new();
+        while cursor.advance().await? {
+            if let Some(v) = raw_vector(cursor.current(), model) {
+                out.push((v.url.to_string(), decode_vector(v.floats)));
+            }
+        }
+        Ok(out)
     }
 
     /// How many embedding documents there are, from the collection's metadata (cheap):
@@ -310,35 +412,63 @@ impl EmbeddingStore {
         self.coll.estimated_document_count().await
     }
 
-    pub async fn count(&self, model: &str, ok: bool) -> mongodb::error::Result<u64> {
+    /// Stored images of `model` that are usable (`ok`) or failed, and the products
+    /// they belong to: (images, products).
+    pub async fn count(&self, model: &str, ok: bool) -> mongodb::error::Result<(u64, u64)> {
         let status = if ok { "ok" } else { "failed" };
-        self.coll
-            .count_documents(doc! { "model": model, "status": status })
-            .await
+        let filter = doc! { "model": model, "status": status };
+        let images = self.coll.count_documents(filter.clone()).await?;
+        let products = self.coll.distinct("product", filter).await?.len() as u64;
+        Ok((images, products))
     }
 }
 
-/// `_id` and metadata of a raw embedding document (from `metas()` or `vectors()`).
-pub fn raw_meta(d: &bson::RawDocument) -> Option<(ProductId, StoredMeta)> {
-    let id = ProductId::from_raw(d.get("_id").ok()??)?;
+/// The product an embedding document belongs to: `product`, or in the old layout `_id`.
+fn raw_product(d: &bson::RawDocument) -> Option<ProductId> {
+    let product = match d.get("product").ok()? {
+        Some(p) => p,
+        None => d.get("_id").ok()??,
+    };
+    ProductId::from_raw(product)
+}
+
+/// Image and metadata of a raw embedding document (from `metas()` or `vectors()`).
+pub fn raw_meta(d: &bson::RawDocument) -> Option<(ImageKey, StoredMeta)> {
+    let key = ImageKey::new(raw_product(d)?, d.get_str("image_url").ok()?);
     let meta = StoredMeta {
-        image_url: d.get_str("image_url").unwrap_or_default().to_string(),
         model: d.get_str("model").unwrap_or_default().to_string(),
         ok: d.get_str("status").is_ok_and(|s| s == "ok"),
         updated_at: d.get_datetime("updated_at").unwrap_or(DateTime::MIN),
     };
-    Some((id, meta))
+    Some((key, meta))
 }
 
-/// Reads `_id` and the vector bytes out of a raw `vectors()` document without copying;
-/// `None` unless it is a usable vector of `model`.
-pub fn raw_vector<'a>(d: &'a bson::RawDocument, model: &str) -> Option<(ProductId, &'a [u8])> {
+/// A usable vector in a raw `vectors()` document, borrowed from it.
+pub struct RawVector<'a> {
+    pub product: ProductId,
+    pub url: &'a str,
+    /// Little-endian f32s.
+    pub floats: &'a [u8],
+}
+
+impl RawVector<'_> {
+    pub fn key(&self) -> ImageKey {
+        ImageKey::new(self.product.clone(), self.url)
+    }
+}
+
+/// Reads the image and the vector bytes out of a raw `vectors()` document without
+/// copying; `None` unless it is a usable vector of `model`.
+pub fn raw_vector<'a>(d: &'a bson::RawDocument, model: &str) -> Option<RawVector<'a>> {
     if d.get_str("model").ok()? != model || d.get_str("status").ok()? != "ok" {
         return None;
     }
-    let id = ProductId::from_raw(d.get("_id").ok()??)?;
     let bin = d.get_binary("vector").ok()?;
-    Some((id, vector_bytes(bin.subtype, bin.bytes)?))
+    Some(RawVector {
+        product: raw_product(d)?,
+        url: d.get_str("image_url").ok()?,
+        floats: vector_bytes(bin.subtype, bin.bytes)?,
+    })
 }
 
 #[cfg(test)]

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::{Mutex, OnceCell, RwLock};
 
 use crate::config::VectorSettings;
 use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
-use crate::rank::{rank_stream, Scored, VectorCache};
-use crate::store::{EmbeddingStore, ProductId, StoredMeta};
+use crate::rank::{rank_stream, Ask, Scored, VectorCache};
+use crate::store::{EmbeddingStore, ImageKey, ProductId, StoredMeta};
 
 /// What a search asks of the index beside its vector.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,19 +28,28 @@ pub struct RankQuery {
     pub threshold: f32,
 }
 
-/// Every stored embedding's metadata, by product.
-pub type Metas = HashMap<ProductId, StoredMeta>;
+/// Every stored embedding's metadata, by product image.
+pub type Metas = HashMap<ImageKey, StoredMeta>;
+
+/// Stored embeddings of one model: (images, products) usable and failed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    pub ok: (u64, u64),
+    pub failed: (u64, u64),
+}
 
 /// A write of an index pass, for the cache.
 pub enum Change {
-    Stored(ProductId, Vec<f32>, DateTime),
-    Removed(ProductId),
+    Stored(ImageKey, Vec<f32>, DateTime),
+    Removed(ImageKey),
 }
 
 pub struct VectorIndex {
     store: EmbeddingStore,
     cache: Option<Cache>,
     batch_size: u32,
+    /// Set once the store holds no documents of the one-per-product layout.
+    migrated: OnceCell<()>,
 }
 
 /// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
@@ -61,6 +70,7 @@ impl VectorIndex {
                 interval: settings.reconcile_interval,
             }),
             batch_size: settings.vector_batch_size,
+            migrated: OnceCell::new(),
         }
     }
 
@@ -68,28 +78,48 @@ impl VectorIndex {
         self.store.ensure_indexes().await
     }
 
-    /// The best `k` stored vectors of `model` for `query`, best first.
-    pub async fn rank(
-        &self,
-        model: &str,
-        query: &[f32],
-        k: usize,
-        wanted: &RankQuery,
-    ) -> Result<Vec<Scored>, DatabaseError> {
+    /// Carries embeddings of the one-per-product layout over, once per process (until
+    /// it succeeds): before an index pass plans or deletes by image, since the old
+    /// documents' `_id`s are not their images'.
+    async fn migrated(&self) -> Result<(), DatabaseError> {
+        self.migrated
+            .get_or_try_init(|| async {
+                let moved = self.store.migrate_layout().await?;
+                if moved > 0 {
+                    tracing::info!(moved, "embeddings carried over to one document per image");
+                }
+                Ok::<_, DatabaseError>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The best `ask.k` products of `model`'s stored vectors for `ask`, best first.
+    pub async fn rank(&self, model: &str, ask: Ask<'_>) -> Result<Vec<Scored>, DatabaseError> {
+        let Some(dim) = ask.queries.first().map(|q| q.len()) else {
+            return Ok(Vec::new());
+        };
         match &self.cache {
             Some(cache) => {
-                self.cache_up_to_date(model, query.len(), false).await?;
+                self.cache_up_to_date(model, dim, false).await?;
                 let guard = cache.vectors.read().await;
-                Ok(guard
-                    .as_ref()
-                    .map(|c| c.rank(query, k, wanted.threshold))
-                    .unwrap_or_default())
+                Ok(guard.as_ref().map(|c| c.rank_ask(ask)).unwrap_or_default())
             }
             None => {
                 let cursor = self.store.vectors(model, None, self.batch_size).await?;
-                Ok(rank_stream(cursor, model, query, k, wanted.threshold).await?)
+                Ok(rank_stream(cursor, model, ask).await?)
             }
         }
+    }
+
+    /// The stored usable vectors of `model` for `product`'s images, from the store
+    /// (an indexed read, in either mode): (image URL, vector).
+    pub async fn vectors_of(
+        &self,
+        model: &str,
+        product: &ProductId,
+    ) -> Result<Vec<(String, Vec<f32>)>, DatabaseError> {
+        Ok(self.store.vectors_of(model, product).await?)
     }
 
     /// For an index pass: the model (from `model`) and every stored embedding's
@@ -100,6 +130,7 @@ impl VectorIndex {
         &self,
         model: impl Future<Output = Result<Arc<Encoder>, ModelError>>,
     ) -> Result<(Arc<Encoder>, Metas), PassError> {
+        self.migrated().await?;
         if self.cache.is_some() {
             let encoder = model.await?;
             let id = encoder.identity();
@@ -115,25 +146,24 @@ impl VectorIndex {
     /// Stores the vectors of one batch; returns their update time.
     pub async fn put_vectors(
         &self,
-        items: &[(&ProductId, &str, &[f32])],
+        items: &[(&ImageKey, &[f32])],
         model: &str,
     ) -> Result<DateTime, DatabaseError> {
         self.store.put_vectors(items, model).await
     }
 
-    /// Records that a product's image could not be used (retried later).
+    /// Records that a product image could not be used (retried later).
     pub async fn put_failure(
         &self,
-        id: &ProductId,
-        image_url: &str,
+        key: &ImageKey,
         model: &str,
         reason: &str,
     ) -> Result<(), DatabaseError> {
-        Ok(self.store.put_failure(id, image_url, model, reason).await?)
+        Ok(self.store.put_failure(key, model, reason).await?)
     }
 
-    pub async fn delete(&self, ids: &[ProductId]) -> Result<u64, DatabaseError> {
-        Ok(self.store.delete(ids).await?)
+    pub async fn delete(&self, keys: &[ImageKey]) -> Result<u64, DatabaseError> {
+        Ok(self.store.delete(keys).await?)
     }
 
     /// An index pass's writes, into the cache (nothing to do when streaming).
@@ -152,12 +182,13 @@ impl VectorIndex {
         }
     }
 
-    /// Stored embeddings of `model`: (usable, failed).
-    pub async fn counts(&self, model: &str) -> Result<(u64, u64), DatabaseError> {
-        Ok((
-            self.store.count(model, true).await?,
-            self.store.count(model, false).await?,
-        ))
+    /// Stored embeddings of `model`, usable and failed, as (images, products) each.
+    pub async fn counts(&self, model: &str) -> Result<Counts, DatabaseError> {
+        let (ok, failed) = tokio::try_join!(
+            self.store.count(model, true),
+            self.store.count(model, false)
+        )?;
+        Ok(Counts { ok, failed })
     }
 
     pub fn caching(&self) -> bool {
@@ -259,7 +290,7 @@ impl VectorIndex {
         let Some(cache) = &self.cache else {
             return Ok(());
         };
-        let (changed, gone): (Vec<ProductId>, Vec<ProductId>) = {
+        let (changed, gone): (Vec<ImageKey>, Vec<ImageKey>) = {
             let guard = cache.vectors.read().await;
             let Some(c) = guard.as_ref() else {
                 return Ok(());

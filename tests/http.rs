@@ -380,27 +380,46 @@ async fn the_openapi_document_matches_the_handlers() {
         );
     }
 
-    for (path, read) in [
-        ("/api/v1/search/url", search_img::http::URL_PARAMETERS),
-        ("/api/v1/search/image", search_img::http::UPLOAD_PARAMETERS),
+    for (method, path, read) in [
+        (
+            "post",
+            "/api/v1/search/url",
+            search_img::http::URL_PARAMETERS,
+        ),
+        (
+            "post",
+            "/api/v1/search/image",
+            search_img::http::UPLOAD_PARAMETERS,
+        ),
+        (
+            "get",
+            "/api/v1/products/{id}/similar",
+            search_img::http::SIMILAR_PARAMETERS,
+        ),
     ] {
-        let op = &spec["paths"][path]["post"];
+        let op = &spec["paths"][path][method];
         let params: BTreeSet<String> = op["parameters"]
             .as_array()
             .unwrap()
             .iter()
+            .map(|p| resolve(&spec, p))
+            .filter(|p| p["in"] != "path")
             .map(|p| {
-                let p = resolve(&spec, p);
                 assert_eq!(p["in"], "query", "{path}: {p}");
                 p["name"].as_str().unwrap().to_string()
             })
             .collect();
         let read: BTreeSet<String> = read.iter().map(|s| s.to_string()).collect();
         assert_eq!(params, read, "{path}: parameters");
+        let path = path.replace("{id}", "65a1f0c2e4b0a1b2c3d4e5f6");
         for name in &read {
             // A blank value is invalid for each of them.
             let uri = format!("{path}?{name}=%20");
-            let req = Request::post(uri).body(Body::empty()).unwrap();
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap();
             let (status, _, body) = send(app.clone(), req).await;
             assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{path} {name}");
             assert!(
@@ -433,6 +452,7 @@ async fn the_openapi_document_matches_the_handlers() {
         product,
         similarity_score: 0.5,
         rank: 1,
+        matched_image: "http://127.0.0.1/a.jpg".into(),
     };
     let responses = [
         ("Result", serde_json::to_value(result).unwrap()),

@@ -1012,7 +1012,7 @@ fn check_embeddings(
     let dim = encoder.identity().dim;
     let mut usable = Vec::new();
     for (i, d) in docs.iter().enumerate() {
-        let id = d.get_object_id("_id").unwrap();
+        let id = d.get_object_id("product").unwrap();
         let mut fields: Vec<&str> = d.keys().map(String::as_str).collect();
         fields.sort_unstable();
         assert_eq!(
@@ -1022,6 +1022,7 @@ fn check_embeddings(
                 "dim",
                 "image_url",
                 "model",
+                "product",
                 "status",
                 "updated_at",
                 "vector"
@@ -1029,6 +1030,8 @@ fn check_embeddings(
             "incomplete document {d}"
         );
         let url = d.get_str("image_url").unwrap();
+        let image = search_img::store::ImageKey::new(search_img::store::ProductId::Oid(id), url);
+        assert_eq!(d.get("_id"), Some(&image.doc_id()), "the image's _id");
         let model = d.get_str("model").unwrap();
         assert_eq!(d.get_str("status").unwrap(), "ok");
         let bin = d
@@ -1178,11 +1181,16 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
         after_kill.len(),
         done.len()
     );
+    // The pass removed the embeddings of the products' previous photos (images no
+    // longer theirs) first; the other model's are replaced when their image comes up.
     assert_eq!(
         after_kill.len(),
-        done.len() + 8,
-        "the stale documents are still there"
+        done.len() + 4,
+        "the other model's documents are still there, the old photos' are gone"
     );
+    assert!(after_kill
+        .iter()
+        .all(|d| d.get_str("image_url") != Ok("http://old.example/photo.jpg")));
 
     // Restart: `search-img index` picks up where the killed pass stopped.
     let mut index = Service::spawn(&vars, &["index"]);
@@ -1212,7 +1220,7 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
     assert_eq!(all.len(), N);
     let before: std::collections::HashSet<_> = done.iter().collect();
     let usable = check_embeddings(&all, &url_of, &bytes_of, &encoder, &|i| {
-        let id = all[i].get_object_id("_id").unwrap();
+        let id = all[i].get_object_id("product").unwrap();
         !before.contains(&id) && i % 5 == 0
     });
     assert_eq!(usable.len(), N);

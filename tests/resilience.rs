@@ -360,6 +360,7 @@ async fn mongodb_stopped_during_indexing_then_the_next_pass_completes_it() {
     assert_eq!(docs.len(), total);
     for d in &docs {
         for f in [
+            "product",
             "image_url",
             "model",
             "dim",

@@ -235,7 +235,7 @@ async fn embeddings_are_computed_once_kept_across_restarts_and_follow_the_catalo
     assert!(!app.names(&body).contains(&"Rocket model".to_string()));
     let stored: Document = app
         .embeddings()
-        .find_one(doc! { "_id": rocket })
+        .find_one(doc! { "product": rocket })
         .await
         .unwrap()
         .unwrap_or_default();

@@ -23,6 +23,7 @@ pub async fn root() -> Json<serde_json::Value> {
             "status": "GET /api/v1/status",
             "search_by_url": "POST /api/v1/search/url",
             "search_by_image": "POST /api/v1/search/image",
+            "similar_products": "GET /api/v1/products/{id}/similar",
             "refresh": "POST /api/v1/refresh",
             "docs": "GET /docs",
             "openapi": "GET /openapi.json"

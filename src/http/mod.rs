@@ -7,7 +7,7 @@ mod meta;
 mod search;
 
 pub use meta::{HealthReport, RefreshAccepted, RefreshReport};
-pub use search::{UPLOAD_PARAMETERS, URL_PARAMETERS};
+pub use search::{SIMILAR_PARAMETERS, UPLOAD_PARAMETERS, URL_PARAMETERS};
 
 /// Every route the OpenAPI document describes: (method, path). tests/http.rs checks
 /// that the document lists exactly these and that each one is served.
@@ -17,6 +17,7 @@ pub const API_ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/status"),
     ("post", "/api/v1/search/url"),
     ("post", "/api/v1/search/image"),
+    ("get", "/api/v1/products/{id}/similar"),
     ("post", "/api/v1/refresh"),
 ];
 
@@ -72,6 +73,10 @@ pub fn app(state: AppState) -> Router {
                 // The limit is `body_first`'s; the multipart extractor's own 2 MB default
                 // would otherwise refuse uploads under it.
                 .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/api/v1/products/{id}/similar",
+            get(search::similar).route_layer(slot()),
         )
         .route("/api/v1/status", get(meta::status).route_layer(slot()));
     Router::new()

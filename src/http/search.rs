@@ -1,12 +1,13 @@
-//! The two search endpoints. Parameters come as query parameters (what the frontend
-//! sends) or, for `/search/url`, as a JSON body with the same names.
+//! The search endpoints: by image URL, by upload, and similar to a product. Parameters
+//! come as query parameters (what the frontend sends) or, for `/search/url`, as a JSON
+//! body with the same names.
 
 use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Multipart, Query, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::{Map, Value};
@@ -64,10 +65,22 @@ pub async fn by_upload(
     timed(state.search().by_bytes(bytes, &params.rank).await?)
 }
 
+/// `GET /api/v1/products/{id}/similar?top_k=..&threshold=..`: from the product's stored
+/// embeddings, no image and no model run.
+pub async fn similar(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: QueryParams,
+) -> Results {
+    let params = SearchParams::parse(state.search_defaults(), &query_map(query)?, None)?;
+    timed(state.search().similar(&id, &params.rank).await?)
+}
+
 /// The parameters each search reads (query parameters, and for `/search/url` the JSON
 /// body's fields), as the OpenAPI document must list them.
 pub const URL_PARAMETERS: &[&str] = &[IMAGE_URL, TOP_K, THRESHOLD];
 pub const UPLOAD_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD];
+pub const SIMILAR_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD];
 const IMAGE_URL: &str = "image_url";
 const TOP_K: &str = "top_k";
 const THRESHOLD: &str = "threshold";

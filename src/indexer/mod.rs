@@ -1,6 +1,6 @@
 //! The indexer: index passes, which bring the stored embeddings up to date with the
-//! catalogue (embed products whose embedding is missing or stale, drop those of deleted
-//! products, record photos that could not be used). It decides when a pass runs: one at
+//! catalogue (embed product images whose embedding is missing or stale, drop those of
+//! deleted products and removed photos, record photos that could not be used). It decides when a pass runs: one at
 //! a time, shared by everyone waiting for it; `pipeline` does a pass's work.
 //!
 //! A search asks for a pass when the last one is older than CATALOG_SYNC_INTERVAL_SECS
@@ -28,15 +28,20 @@ use pipeline::Pipeline;
 pub struct IndexReport {
     /// Searchable products considered (after MAX_PRODUCTS).
     pub total_products: usize,
-    /// Products with a usable embedding for the current model after this pass.
+    /// Their images (PRODUCT_IMAGE_FIELD).
+    pub total_images: usize,
+    /// Products with at least one usable embedding for the current model after this pass.
     pub indexed_products: usize,
+    /// Images with a usable embedding for the current model after this pass.
+    pub indexed_images: usize,
     /// Embeddings computed in this pass.
     pub embedded: usize,
-    /// Products whose image failed in this pass.
+    /// Images that failed in this pass.
     pub failed: usize,
-    /// Products whose image failed earlier and is not due for a retry yet.
+    /// Images that failed earlier and are not due for a retry yet.
     pub failed_waiting: usize,
-    /// Embeddings removed because their product is gone or no longer searchable.
+    /// Embeddings removed because their product is gone or no longer searchable, or the
+    /// photo is no longer the product's.
     pub removed: usize,
     /// Where the time went, in milliseconds.
     pub timings: Timings,
@@ -77,16 +82,16 @@ impl From<mongodb::error::Error> for PassError {
 pub type PassResult = Result<IndexReport, Arc<PassError>>;
 type PassFuture = Shared<BoxFuture<'static, PassResult>>;
 
-/// Told (done, todo) as a pass processes products.
+/// Told (done, todo) as a pass processes product images.
 pub type Progress = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 /// How far the pass under way has got, for `/api/v1/status`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PassProgress {
     pub running: bool,
-    /// Products of this pass whose image was embedded or failed so far.
+    /// Images of this pass embedded or failed so far.
     pub done: usize,
-    /// Products this pass has to embed.
+    /// Images this pass has to embed.
     pub todo: usize,
     /// Seconds since the pass under way (or the last one) started.
     pub started_secs_ago: Option<f64>,
@@ -184,6 +189,11 @@ impl Indexer {
         pass.await
     }
 
+    /// SEARCH_SYNC_WAIT_SECS: how long a request waits for a pass.
+    pub fn search_wait(&self) -> std::time::Duration {
+        self.settings.search_wait
+    }
+
     /// The pass under way, or the last one.
     pub fn progress(&self) -> PassProgress {
         let s = self.lock();
@@ -248,9 +258,9 @@ impl Indexer {
         let start = Instant::now();
         // The catalogue read needs no model: on the first pass it runs while the model
         // loads.
-        let products = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
+        let images = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
         let model_and_metas = async { self.vectors.metas_for_pass(self.embedder.model()).await };
-        let (products, (model, metas)) = tokio::try_join!(products, model_and_metas)?;
+        let (images, (model, metas)) = tokio::try_join!(images, model_and_metas)?;
         let pipeline = Pipeline {
             embedder: &self.embedder,
             model,
@@ -261,7 +271,7 @@ impl Indexer {
             retry_failed_after: self.settings.retry_failed_after,
             progress: &*progress,
         };
-        let (report, changes) = pipeline.run(products, metas, start).await;
+        let (report, changes) = pipeline.run(images, metas, start).await;
         // The pass's catalogue, metadata map and image buffers are freed now.
         crate::rank::release_freed_memory();
         // What was stored goes to the cache even if the pass failed half-way.

@@ -1,4 +1,5 @@
-//! One index pass's work: plan what is missing or stale, remove what is gone, then
+//! One index pass's work, image by image (a product has one or several): plan what is
+//! missing or stale, remove what is gone, then
 //! fetch -> decode -> embed -> store. Images are fetched concurrently with a bound,
 //! embedded MAX_BATCH_SIZE at a time, and each batch is stored while the next one is in
 //! the model. A photo that cannot be used is recorded as failed (retried after
@@ -15,54 +16,57 @@ use ndarray::Array3;
 use tokio::sync::mpsc;
 
 use super::{IndexReport, PassError};
-use crate::catalog::ProductRef;
 use crate::embedder::{ms_since, Embedder};
 use crate::encoder::Encoder;
 use crate::fetch::Fetcher;
-use crate::store::ProductId;
+use crate::store::{ImageKey, ProductId};
 use crate::vectors::{Change, Metas, VectorIndex};
 
-/// Which products need an embedding, and which stored embeddings must go.
+/// Which product images need an embedding, and which stored embeddings must go.
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
-    /// Products whose embedding is missing or stale (image or model changed), or whose
-    /// failed image is due for a retry.
-    pub todo: Vec<ProductRef>,
-    /// Stored embeddings of products that are gone or no longer searchable.
-    pub gone: Vec<ProductId>,
-    /// Products whose image failed earlier and is not due for a retry yet.
+    /// Images whose embedding is missing or of another model, or whose failure is due
+    /// for a retry.
+    pub todo: Vec<ImageKey>,
+    /// Stored embeddings of images that are gone: the product was deleted or is no
+    /// longer searchable, or the photo is no longer at PRODUCT_IMAGE_FIELD.
+    pub gone: Vec<ImageKey>,
+    /// Images that failed earlier and are not due for a retry yet.
     pub failed_waiting: usize,
-    /// Products whose stored embedding is usable as it is.
+    /// Images whose stored embedding is usable as it is.
     pub up_to_date: usize,
+    /// Products with at least one usable embedding already.
+    pub ready: HashSet<ProductId>,
 }
 
 pub fn plan(
-    products: &[ProductRef],
+    images: &[ImageKey],
     metas: &Metas,
     model: &str,
     retry_failed_after: Duration,
     now: DateTime,
 ) -> Plan {
     let mut plan = Plan::default();
-    for p in products {
-        match metas.get(&p.id) {
-            Some(m) if m.image_url == p.image_url && m.model == model => {
+    for image in images {
+        match metas.get(image) {
+            Some(m) if m.model == model => {
                 let age = now.timestamp_millis() - m.updated_at.timestamp_millis();
                 if m.ok {
                     plan.up_to_date += 1;
+                    plan.ready.insert(image.product.clone());
                 } else if age >= retry_failed_after.as_millis() as i64 {
-                    plan.todo.push(p.clone());
+                    plan.todo.push(image.clone());
                 } else {
                     plan.failed_waiting += 1;
                 }
             }
-            _ => plan.todo.push(p.clone()),
+            _ => plan.todo.push(image.clone()),
         }
     }
-    let live: HashSet<&ProductId> = products.iter().map(|p| &p.id).collect();
+    let live: HashSet<&ImageKey> = images.iter().collect();
     plan.gone = metas
         .keys()
-        .filter(|id| !live.contains(id))
+        .filter(|key| !live.contains(key))
         .cloned()
         .collect();
     plan
@@ -83,7 +87,7 @@ pub struct Pipeline<'a> {
 
 /// A product photo fetched and decoded, or why it could not be.
 struct Prepared {
-    product: ProductRef,
+    image: ImageKey,
     tensor: Result<Array3<f32>, String>,
     fetch_ms: f64,
     decode_ms: f64,
@@ -91,7 +95,7 @@ struct Prepared {
 
 /// A batch out of the model, to be stored.
 struct Embedded {
-    products: Vec<ProductRef>,
+    images: Vec<ImageKey>,
     vectors: Vec<Vec<f32>>,
 }
 
@@ -106,17 +110,17 @@ struct ModelStageStats {
 }
 
 impl Pipeline<'_> {
-    /// One pass over `products` (the searchable products) against `metas` (every stored
-    /// embedding's metadata), both read by the caller, which started at `start`. Returns
-    /// the report and every write made, failed or not (for the cache).
+    /// One pass over `images` (the searchable products' images) against `metas` (every
+    /// stored embedding's metadata), both read by the caller, which started at `start`.
+    /// Returns the report and every write made, failed or not (for the cache).
     pub async fn run(
         &self,
-        products: Vec<ProductRef>,
+        images: Vec<ImageKey>,
         metas: Metas,
         start: Instant,
     ) -> (Result<IndexReport, PassError>, Vec<Change>) {
         let changes = Mutex::new(Vec::new());
-        let report = self.run_recording(products, metas, start, &changes).await;
+        let report = self.run_recording(images, metas, start, &changes).await;
         (
             report,
             changes.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -125,7 +129,7 @@ impl Pipeline<'_> {
 
     async fn run_recording(
         &self,
-        products: Vec<ProductRef>,
+        images: Vec<ImageKey>,
         metas: Metas,
         start: Instant,
         changes: &Mutex<Vec<Change>>,
@@ -133,18 +137,22 @@ impl Pipeline<'_> {
         let record = |c: Change| changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
         let model = self.model.identity().key();
         let plan = plan(
-            &products,
+            &images,
             &metas,
             &model,
             self.retry_failed_after,
             DateTime::now(),
         );
         drop(metas);
+        let products: HashSet<&ProductId> = images.iter().map(|i| &i.product).collect();
         let mut report = IndexReport {
             total_products: products.len(),
+            total_images: images.len(),
             failed_waiting: plan.failed_waiting,
             ..Default::default()
         };
+        drop(products);
+        let mut ready = plan.ready;
         report.timings.plan_ms = ms_since(start);
         if !plan.gone.is_empty() {
             report.removed = self.vectors.delete(&plan.gone).await? as usize;
@@ -156,7 +164,7 @@ impl Pipeline<'_> {
         if !todo.is_empty() {
             tracing::info!(
                 todo = todo.len(),
-                total = products.len(),
+                total = images.len(),
                 "indexing product images"
             );
         }
@@ -188,26 +196,28 @@ impl Pipeline<'_> {
         let embedding = self.model_stage(prepared_rx, embedded_tx, &model, &record, &advance);
         let storing = async {
             let mut rx = embedded_rx;
-            let (mut embedded, mut store_ms) = (0, 0.0);
-            while let Some(Embedded { products, vectors }) = rx.recv().await {
+            let (mut embedded, mut store_ms, mut done_products) = (0, 0.0, Vec::new());
+            while let Some(Embedded { images, vectors }) = rx.recv().await {
                 let t = Instant::now();
-                let items: Vec<_> = products
+                let items: Vec<_> = images
                     .iter()
                     .zip(&vectors)
-                    .map(|(p, v)| (&p.id, p.image_url.as_str(), v.as_slice()))
+                    .map(|(i, v)| (i, v.as_slice()))
                     .collect();
                 let at = self.vectors.put_vectors(&items, &model).await?;
                 store_ms += ms_since(t);
-                for (p, v) in products.iter().zip(vectors) {
-                    record(Change::Stored(p.id.clone(), v, at));
+                embedded += images.len();
+                advance(images.len());
+                for (i, v) in images.into_iter().zip(vectors) {
+                    done_products.push(i.product.clone());
+                    record(Change::Stored(i, v, at));
                 }
-                embedded += products.len();
-                advance(products.len());
             }
-            Ok::<_, PassError>((embedded, store_ms))
+            Ok::<_, PassError>((embedded, store_ms, done_products))
         };
         let ((), stats, stored) = tokio::join!(fetching, embedding, storing);
-        let (embedded, store_ms) = stored?;
+        let (embedded, store_ms, done_products) = stored?;
+        ready.extend(done_products);
         let stats = stats?;
         report.embedded = embedded;
         report.failed = stats.failed;
@@ -215,7 +225,8 @@ impl Pipeline<'_> {
         report.timings.decode_ms = stats.decode_ms;
         report.timings.model_ms = stats.model_ms;
         report.timings.store_ms = stats.store_ms + store_ms;
-        report.indexed_products = plan.up_to_date + report.embedded;
+        report.indexed_images = plan.up_to_date + report.embedded;
+        report.indexed_products = ready.len();
         report.timings.total_ms = ms_since(start);
         if total_todo > 0 || report.removed > 0 {
             tracing::info!(
@@ -229,13 +240,13 @@ impl Pipeline<'_> {
         Ok(report)
     }
 
-    /// Fetches and decodes one product photo; failures are the product's, not the pass's.
-    async fn prepare(&self, product: ProductRef) -> Prepared {
+    /// Fetches and decodes one product photo; failures are the image's, not the pass's.
+    async fn prepare(&self, image: ImageKey) -> Prepared {
         let t = Instant::now();
-        let fetched = self.fetcher.fetch(&product.image_url).await;
+        let fetched = self.fetcher.fetch(&image.url).await;
         let fetch_ms = ms_since(t);
         let failed = |reason: String, decode_ms| Prepared {
-            product: product.clone(),
+            image: image.clone(),
             tensor: Err(reason),
             fetch_ms,
             decode_ms,
@@ -255,7 +266,7 @@ impl Pipeline<'_> {
             .map_err(|e| e.to_string());
         let decode_ms = ms_since(t);
         Prepared {
-            product,
+            image,
             tensor,
             fetch_ms,
             decode_ms,
@@ -286,37 +297,35 @@ impl Pipeline<'_> {
             if batch.is_empty() {
                 return Ok(stats);
             }
-            let (mut products, mut tensors) = (Vec::new(), Vec::new());
+            let (mut images, mut tensors) = (Vec::new(), Vec::new());
             for p in batch.drain(..) {
                 stats.fetch_ms += p.fetch_ms;
                 stats.decode_ms += p.decode_ms;
                 match p.tensor {
                     Ok(t) => {
-                        products.push(p.product);
+                        images.push(p.image);
                         tensors.push(t);
                     }
                     Err(reason) => {
-                        let p = p.product;
-                        tracing::warn!(product = %p.id, url = %p.image_url, %reason, "product image skipped");
+                        let i = p.image;
+                        tracing::warn!(product = %i.product, url = %i.url, %reason, "product image skipped");
                         let t = Instant::now();
-                        self.vectors
-                            .put_failure(&p.id, &p.image_url, model, &reason)
-                            .await?;
+                        self.vectors.put_failure(&i, model, &reason).await?;
                         stats.store_ms += ms_since(t);
-                        // Its old vector (another image or model) is no longer usable.
-                        record(Change::Removed(p.id));
+                        // Its old vector (another model's) is no longer usable.
+                        record(Change::Removed(i));
                         stats.failed += 1;
                         advance(1);
                     }
                 }
             }
-            if products.is_empty() {
+            if images.is_empty() {
                 continue;
             }
             let t = Instant::now();
             let vectors = self.embedder.run(&self.model, tensors).await?;
             stats.model_ms += ms_since(t);
-            if tx.send(Embedded { products, vectors }).await.is_err() {
+            if tx.send(Embedded { images, vectors }).await.is_err() {
                 return Ok(stats); // the writer failed: its error is the pass's
             }
         }
@@ -330,16 +339,12 @@ mod tests {
     use mongodb::bson::oid::ObjectId;
     use std::collections::HashMap;
 
-    fn p(n: u8, url: &str) -> ProductRef {
-        ProductRef {
-            id: ProductId::Oid(ObjectId::from_bytes([n; 12])),
-            image_url: url.into(),
-        }
+    fn p(n: u8, url: &str) -> ImageKey {
+        ImageKey::new(ProductId::Oid(ObjectId::from_bytes([n; 12])), url)
     }
 
-    fn meta(url: &str, model: &str, ok: bool, at: i64) -> StoredMeta {
+    fn meta(model: &str, ok: bool, at: i64) -> StoredMeta {
         StoredMeta {
-            image_url: url.into(),
             model: model.into(),
             ok,
             updated_at: DateTime::from_millis(at),
@@ -348,22 +353,32 @@ mod tests {
 
     #[test]
     fn plan_embeds_missing_and_stale_and_drops_gone() {
-        let products = vec![p(1, "a"), p(2, "b"), p(3, "c"), p(4, "d"), p(5, "e")];
+        let images = vec![
+            p(1, "a"),
+            p(2, "b"),
+            p(3, "c"),
+            p(4, "d"),
+            p(5, "e"),
+            p(1, "a2"),
+        ];
         let mut metas = HashMap::new();
-        metas.insert(p(1, "").id, meta("a", "m", true, 0)); // fresh
-        metas.insert(p(2, "").id, meta("old", "m", true, 0)); // image changed
-        metas.insert(p(3, "").id, meta("c", "other", true, 0)); // model changed
-        metas.insert(p(4, "").id, meta("d", "m", false, 9_000)); // failed recently
-        metas.insert(p(9, "").id, meta("z", "m", true, 0)); // product deleted
+        metas.insert(p(1, "a"), meta("m", true, 0)); // fresh
+        metas.insert(p(2, "old"), meta("m", true, 0)); // image changed
+        metas.insert(p(3, "c"), meta("other", true, 0)); // model changed
+        metas.insert(p(4, "d"), meta("m", false, 9_000)); // failed recently
+        metas.insert(p(9, "z"), meta("m", true, 0)); // product deleted
         let now = DateTime::from_millis(10_000);
-        let plan1 = plan(&products, &metas, "m", Duration::from_secs(5), now);
-        let ids: Vec<_> = plan1.todo.iter().map(|t| t.image_url.as_str()).collect();
-        assert_eq!(ids, vec!["b", "c", "e"]);
-        assert_eq!(plan1.gone, vec![p(9, "").id]);
+        let plan1 = plan(&images, &metas, "m", Duration::from_secs(5), now);
+        let urls: Vec<_> = plan1.todo.iter().map(|t| t.url.as_str()).collect();
+        assert_eq!(urls, vec!["b", "c", "e", "a2"]);
+        let mut gone = plan1.gone.clone();
+        gone.sort_by(|a, b| a.url.cmp(&b.url));
+        assert_eq!(gone, vec![p(2, "old"), p(9, "z")]);
         assert_eq!((plan1.failed_waiting, plan1.up_to_date), (1, 1));
+        assert_eq!(plan1.ready, HashSet::from([p(1, "").product]));
         // Once the retry delay has passed the failed one is tried again.
-        let plan2 = plan(&products, &metas, "m", Duration::from_secs(1), now);
-        assert!(plan2.todo.iter().any(|t| t.image_url == "d"));
+        let plan2 = plan(&images, &metas, "m", Duration::from_secs(1), now);
+        assert!(plan2.todo.iter().any(|t| t.url == "d"));
         assert_eq!(plan2.failed_waiting, 0);
     }
 }
