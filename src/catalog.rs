@@ -10,7 +10,14 @@ use mongodb::Collection;
 use serde_json::{Map, Value};
 
 use crate::config::CatalogSettings;
-use crate::store::{ImageKey, ProductId};
+use crate::store::{Attrs, ImageKey, ProductId};
+
+/// The searchable products' images, and each product's filter attributes.
+#[derive(Debug, Default)]
+pub struct Searchable {
+    pub images: Vec<ImageKey>,
+    pub attrs: HashMap<ProductId, Attrs>,
+}
 
 #[derive(Clone)]
 pub struct Catalog {
@@ -18,6 +25,9 @@ pub struct Catalog {
     fields: Vec<String>,
     /// PRODUCT_IMAGE_FIELD, each path split at its dots.
     image_paths: Vec<Vec<String>>,
+    /// CATEGORY_FIELD and PRICE_FIELD, split at their dots.
+    category_path: Vec<String>,
+    price_path: Vec<String>,
     max_products: usize,
     /// PRODUCT_FILTER: what else a product must match to be searchable.
     filter: Option<Document>,
@@ -31,8 +41,10 @@ impl Catalog {
             image_paths: settings
                 .product_image_field
                 .iter()
-                .map(|p| p.split('.').map(str::to_string).collect())
+                .map(|p| split_path(p))
                 .collect(),
+            category_path: split_path(&settings.category_field),
+            price_path: split_path(&settings.price_field),
             max_products: settings.max_products,
             filter: settings.product_filter.clone(),
         }
@@ -46,7 +58,7 @@ impl Catalog {
     /// long (10,000 products from SecantusDB: 442 ms with them, 223 ms without). It runs
     /// on every index pass. A value that is not an http(s) URL is returned too: fetching
     /// it fails, and it is recorded as a failed image.
-    pub async fn searchable(&self) -> mongodb::error::Result<Vec<ImageKey>> {
+    pub async fn searchable(&self) -> mongodb::error::Result<Searchable> {
         let find = if self.max_products > 0 {
             self.coll
                 .find(self.with_filter(self.has_image_filter()))
@@ -56,12 +68,16 @@ impl Catalog {
             self.coll.find(self.filter.clone().unwrap_or_default())
         };
         let mut projection = Document::new();
-        for path in &self.image_paths {
+        for path in self
+            .image_paths
+            .iter()
+            .chain([&self.category_path, &self.price_path])
+        {
             projection.insert(path[0].as_str(), 1);
         }
         let find = find.projection(projection).batch_size(5000);
         let mut cursor = find.await?;
-        let mut out = Vec::new();
+        let mut out = Searchable::default();
         let mut urls = Vec::new();
         while let Some(d) = cursor.try_next().await? {
             let Some(id) = d.get("_id") else {
@@ -73,14 +89,33 @@ impl Catalog {
                     images_at(v, &path[1..], &mut urls);
                 }
             }
+            if urls.is_empty() {
+                continue;
+            }
             let id = ProductId::from_bson(id.clone());
             for (i, url) in urls.iter().enumerate() {
                 if !urls[..i].contains(url) {
-                    out.push(ImageKey::new(id.clone(), url.as_str()));
+                    out.images.push(ImageKey::new(id.clone(), url.as_str()));
                 }
             }
+            out.attrs.insert(id, self.attrs(&d));
         }
         Ok(out)
+    }
+
+    /// A product document's categories and price, as the filters compare them.
+    fn attrs(&self, d: &Document) -> Attrs {
+        let mut values = Vec::new();
+        values_at(d, &self.category_path, &mut values);
+        let mut categories: Vec<String> = values.into_iter().filter_map(category_text).collect();
+        categories.sort_unstable();
+        categories.dedup();
+        let mut prices = Vec::new();
+        values_at(d, &self.price_path, &mut prices);
+        Attrs {
+            categories,
+            price: prices.into_iter().find_map(price_number),
+        }
     }
 
     /// Products with something at one of the image paths (the values are checked as
@@ -161,6 +196,57 @@ impl Catalog {
             None => query,
         }
     }
+}
+
+fn split_path(p: &str) -> Vec<String> {
+    p.split('.').map(str::to_string).collect()
+}
+
+/// The values at a dotted `path` of `d`, through arrays at any level (arrays at the end
+/// give their items).
+fn values_at<'a>(d: &'a Document, path: &[String], out: &mut Vec<&'a Bson>) {
+    fn walk<'a>(v: &'a Bson, rest: &[String], out: &mut Vec<&'a Bson>) {
+        match (v, rest.split_first()) {
+            (Bson::Array(items), _) => items.iter().for_each(|i| walk(i, rest, out)),
+            (v, None) => out.push(v),
+            (Bson::Document(d), Some((field, rest))) => {
+                if let Some(inner) = d.get(field) {
+                    walk(inner, rest, out)
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some((first, rest)) = path.split_first() {
+        if let Some(v) = d.get(first) {
+            walk(v, rest, out);
+        }
+    }
+}
+
+/// A category as the `category` filter compares it: an ObjectId's hex, a string, a
+/// number's text.
+fn category_text(v: &Bson) -> Option<String> {
+    match v {
+        Bson::ObjectId(o) => Some(o.to_hex()),
+        Bson::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Bson::Int32(i) => Some(i.to_string()),
+        Bson::Int64(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// A price as the price filters compare it: any BSON number, or a string holding one.
+fn price_number(v: &Bson) -> Option<f64> {
+    let f = match v {
+        Bson::Double(f) => *f,
+        Bson::Int32(i) => f64::from(*i),
+        Bson::Int64(i) => *i as f64,
+        Bson::Decimal128(d) => d.to_string().parse().ok()?,
+        Bson::String(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    f.is_finite().then_some(f)
 }
 
 /// The image URLs at `path` under `v`: strings, objects' `url` strings, through arrays
@@ -269,6 +355,34 @@ mod tests {
         assert!(found("avatar").is_empty());
         assert!(found("missing.url").is_empty());
         assert!(found("image.public_id.x").is_empty());
+    }
+
+    #[test]
+    fn categories_and_prices_are_read_in_every_shape() {
+        let o = ObjectId::parse_str("65a1e9c2e4b0a1b2c3d4e5f6").unwrap();
+        let d = doc! {
+            "one": o, "many": [o, "shoes", " ", 7], "nested": [{ "id": "a" }, { "id": "b" }],
+            "int": 250000, "double": 12.5, "text": " 99.9 ", "bad": "n/a",
+        };
+        let texts = |path: &str| {
+            let mut v = Vec::new();
+            values_at(&d, &split_path(path), &mut v);
+            v.into_iter().filter_map(category_text).collect::<Vec<_>>()
+        };
+        assert_eq!(texts("one"), ["65a1e9c2e4b0a1b2c3d4e5f6"]);
+        assert_eq!(texts("many"), ["65a1e9c2e4b0a1b2c3d4e5f6", "shoes", "7"]);
+        assert_eq!(texts("nested.id"), ["a", "b"]);
+        assert!(texts("missing").is_empty());
+        let price = |path: &str| {
+            let mut v = Vec::new();
+            values_at(&d, &split_path(path), &mut v);
+            v.into_iter().find_map(price_number)
+        };
+        assert_eq!(price("int"), Some(250000.0));
+        assert_eq!(price("double"), Some(12.5));
+        assert_eq!(price("text"), Some(99.9));
+        assert_eq!(price("bad"), None);
+        assert_eq!(price("missing"), None);
     }
 
     #[test]

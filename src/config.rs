@@ -284,6 +284,13 @@ pub struct CatalogSettings {
     /// path may be a URL, an object with a `url`, or an array of either.
     #[arg(long, value_parser = Var(field_path), value_delimiter = ',', default_value = "productImage")]
     pub product_image_field: Vec<String>,
+    /// The product's category for the `category` filter (a dotted path; an ObjectId,
+    /// a string, or an array of them).
+    #[arg(long, value_parser = Var(field_path), default_value = "productCategory")]
+    pub category_field: String,
+    /// The product's price for the `min_price`/`max_price` filters (a dotted path).
+    #[arg(long, value_parser = Var(field_path), default_value = "productPrice")]
+    pub price_field: String,
     /// Which products are searchable: a MongoDB query document in extended JSON, e.g.
     /// `{"isHidden": {"$ne": true}}`. None: every product with a photo.
     #[arg(long, value_parser = Var(query_document))]

@@ -11,7 +11,36 @@ use mongodb::bson::DateTime;
 use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
-use crate::store::{le_floats, raw_meta, raw_vector, ImageKey, ProductId, StoredMeta};
+use crate::store::{le_floats, raw_meta, raw_vector, Attrs, ImageKey, ProductId, StoredMeta};
+
+/// The request filters: products in one of `categories` (any, when empty), priced
+/// within the bounds given (a product without a price is out when a bound is given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Filter {
+    pub categories: Vec<String>,
+    pub min_price: Option<f64>,
+    pub max_price: Option<f64>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.categories.is_empty() && self.min_price.is_none() && self.max_price.is_none()
+    }
+
+    fn price_ok(&self, price: Option<f64>) -> bool {
+        if self.min_price.is_none() && self.max_price.is_none() {
+            return true;
+        }
+        price.is_some_and(|p| {
+            self.min_price.is_none_or(|m| p >= m) && self.max_price.is_none_or(|m| p <= m)
+        })
+    }
+
+    pub fn matches(&self, a: &Attrs) -> bool {
+        (self.categories.is_empty() || a.categories.iter().any(|c| self.categories.contains(c)))
+            && self.price_ok(a.price)
+    }
+}
 
 /// A ranked product: its best image and that image's score.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +59,8 @@ pub struct Ask<'a> {
     pub k: usize,
     pub threshold: f32,
     pub exclude: Option<&'a ProductId>,
+    /// Applied before the cut: only matching products enter the top k.
+    pub filter: Option<&'a Filter>,
 }
 
 impl<'a> Ask<'a> {
@@ -40,6 +71,7 @@ impl<'a> Ask<'a> {
             k,
             threshold,
             exclude: None,
+            filter: None,
         }
     }
 
@@ -290,9 +322,16 @@ pub async fn rank_stream(
         // Floats first, then the same kernel as the cache: identical scores.
         row.clear();
         row.extend(le_floats(v.floats));
+        // The filter is read from the document the first time a score could enter.
+        let mut passes = None;
         for query in ask.queries {
             let score = dot(query, &row);
-            if top.admits(score) {
+            if top.admits(score)
+                && *passes.get_or_insert_with(|| {
+                    ask.filter
+                        .is_none_or(|f| f.matches(&Attrs::from_raw(cursor.current())))
+                })
+            {
                 top.push(&v.product, v.url, score);
             }
         }
@@ -301,15 +340,39 @@ pub async fn rank_stream(
 }
 
 /// Image vectors of one model in memory: one contiguous row-major array, the images
-/// beside it, and an index from image to row for updates.
+/// and their filter attributes beside it, and an index from image to row for updates.
 #[derive(Default)]
 pub struct VectorCache {
     pub model: String,
     dim: usize,
     ids: Vec<ImageKey>,
     updated: Vec<DateTime>,
+    attrs: Vec<RowAttrs>,
+    /// Category text -> the number rows hold.
+    categories: HashMap<String, u32>,
     vectors: Vec<f32>,
     rows: HashMap<ImageKey, usize>,
+}
+
+/// A row's filter attributes, categories as numbers (compared per row while ranking).
+#[derive(Clone, Debug, Default)]
+struct RowAttrs {
+    categories: Box<[u32]>,
+    price: Option<f64>,
+}
+
+/// A `Filter` in the cache's category numbers.
+struct RowFilter<'a> {
+    filter: &'a Filter,
+    categories: Vec<u32>,
+}
+
+impl RowFilter<'_> {
+    fn matches(&self, a: &RowAttrs) -> bool {
+        (self.filter.categories.is_empty()
+            || a.categories.iter().any(|c| self.categories.contains(c)))
+            && self.filter.price_ok(a.price)
+    }
 }
 
 impl VectorCache {
@@ -331,6 +394,7 @@ impl VectorCache {
         self.vectors.reserve_exact(n * self.dim);
         self.ids.reserve_exact(n);
         self.updated.reserve_exact(n);
+        self.attrs.reserve_exact(n);
         self.rows.reserve(n);
     }
 
@@ -351,21 +415,47 @@ impl VectorCache {
     }
 
     /// Inserts or replaces an image's vector (ignored if its width is not the model's).
-    pub fn upsert(&mut self, id: ImageKey, vector: &[f32], updated: DateTime) {
+    pub fn upsert(&mut self, id: ImageKey, vector: &[f32], attrs: &Attrs, updated: DateTime) {
         if vector.len() != self.dim {
             return;
         }
+        let attrs = self.row_attrs(attrs);
         match self.rows.get(&id) {
             Some(&r) => {
                 self.vectors[r * self.dim..(r + 1) * self.dim].copy_from_slice(vector);
                 self.updated[r] = updated;
+                self.attrs[r] = attrs;
             }
             None => {
                 self.rows.insert(id.clone(), self.ids.len());
                 self.ids.push(id);
                 self.updated.push(updated);
+                self.attrs.push(attrs);
                 self.vectors.extend_from_slice(vector);
             }
+        }
+    }
+
+    /// New filter attributes for an image already held (its vector unchanged).
+    pub fn set_attrs(&mut self, id: &ImageKey, attrs: &Attrs, updated: DateTime) {
+        if let Some(&r) = self.rows.get(id) {
+            self.attrs[r] = self.row_attrs(attrs);
+            self.updated[r] = updated;
+        }
+    }
+
+    fn row_attrs(&mut self, a: &Attrs) -> RowAttrs {
+        let categories = a
+            .categories
+            .iter()
+            .map(|c| {
+                let next = self.categories.len() as u32;
+                *self.categories.entry(c.clone()).or_insert(next)
+            })
+            .collect();
+        RowAttrs {
+            categories,
+            price: a.price,
         }
     }
 
@@ -380,10 +470,12 @@ impl VectorCache {
                 .copy_within(last * self.dim..(last + 1) * self.dim, r * self.dim);
             self.ids.swap(r, last);
             self.updated.swap(r, last);
+            self.attrs.swap(r, last);
             self.rows.insert(self.ids[r].clone(), r);
         }
         self.ids.pop();
         self.updated.pop();
+        self.attrs.pop();
         self.vectors.truncate(last * self.dim);
     }
 
@@ -419,7 +511,7 @@ impl VectorCache {
             buf.clear();
             buf.extend(le_floats(v.floats));
             let updated = d.get_datetime("updated_at").ok().unwrap_or(DateTime::MIN);
-            self.upsert(v.key(), &buf, updated);
+            self.upsert(v.key(), &buf, &Attrs::from_raw(d), updated);
             n += 1;
         }
         Ok(n)
@@ -430,6 +522,7 @@ impl VectorCache {
         self.vectors.shrink_to_fit();
         self.ids.shrink_to_fit();
         self.updated.shrink_to_fit();
+        self.attrs.shrink_to_fit();
         self.rows.shrink_to_fit();
     }
 
@@ -478,11 +571,21 @@ impl VectorCache {
 
     fn rank_rows(&self, ask: &Ask<'_>, rows: std::ops::Range<usize>) -> TopK {
         let mut top = TopK::for_ask(ask);
+        let filter = ask.filter.map(|filter| RowFilter {
+            filter,
+            categories: filter
+                .categories
+                .iter()
+                .filter_map(|c| self.categories.get(c).copied())
+                .collect(),
+        });
         let vectors = &self.vectors[rows.start * self.dim..rows.end * self.dim];
         for query in ask.queries {
             scan(vectors, self.dim, query, |i, score| {
-                if top.admits(score) {
-                    let key = &self.ids[rows.start + i];
+                let row = rows.start + i;
+                if top.admits(score) && filter.as_ref().is_none_or(|f| f.matches(&self.attrs[row]))
+                {
+                    let key = &self.ids[row];
                     top.push(&key.product, &key.url, score);
                 }
             });
@@ -497,6 +600,12 @@ impl VectorCache {
             + self.ids.capacity() * std::mem::size_of::<ImageKey>()
             + self.ids.iter().map(|k| k.url.capacity()).sum::<usize>()
             + self.updated.capacity() * 8
+            + self.attrs.capacity() * std::mem::size_of::<RowAttrs>()
+            + self
+                .attrs
+                .iter()
+                .map(|a| a.categories.len() * 4)
+                .sum::<usize>()
             + self.rows.capacity() * (std::mem::size_of::<(ImageKey, usize)>() + 1)
     }
 }
@@ -591,6 +700,7 @@ mod tests {
                     format!("u{n}"),
                 ),
                 &v,
+                &Attrs::default(),
                 DateTime::MIN,
             );
         }
@@ -636,10 +746,10 @@ mod tests {
     #[test]
     fn cache_upsert_remove_and_rank() {
         let mut c = VectorCache::new("m".into(), 2);
-        c.upsert(img(1), &[1.0, 0.0], DateTime::MIN);
-        c.upsert(img(2), &[0.0, 1.0], DateTime::MIN);
-        c.upsert(img(3), &[0.6, 0.8], DateTime::MIN);
-        c.upsert(img(1), &[0.8, 0.6], DateTime::MIN);
+        c.upsert(img(1), &[1.0, 0.0], &Attrs::default(), DateTime::MIN);
+        c.upsert(img(2), &[0.0, 1.0], &Attrs::default(), DateTime::MIN);
+        c.upsert(img(3), &[0.6, 0.8], &Attrs::default(), DateTime::MIN);
+        c.upsert(img(1), &[0.8, 0.6], &Attrs::default(), DateTime::MIN);
         c.remove(&img(2));
         assert_eq!(c.len(), 2);
         let r = c.rank(&[1.0, 0.0], 10, 0.0);
@@ -648,13 +758,19 @@ mod tests {
             vec![id(1), id(3)]
         );
         // Several queries: each product's best pair; one product left out.
-        c.upsert(ImageKey::new(id(3), "second"), &[0.0, 1.0], DateTime::MIN);
+        c.upsert(
+            ImageKey::new(id(3), "second"),
+            &[0.0, 1.0],
+            &Attrs::default(),
+            DateTime::MIN,
+        );
         let (qa, qb): (&[f32], &[f32]) = (&[1.0, 0.0], &[0.0, 1.0]);
         let ask = Ask {
             queries: &[qa, qb],
             k: 10,
             threshold: 0.0,
             exclude: None,
+            filter: None,
         };
         let r: Vec<_> = c
             .rank_ask(ask)

@@ -196,6 +196,7 @@ impl Search {
                 k: want,
                 threshold: query.threshold,
                 exclude,
+                filter: (!query.filter.is_empty()).then_some(&query.filter),
             };
             let scored = self.vectors.rank(model, ask).await?;
             tm.rank_ms += ms_since(t);

@@ -2,9 +2,11 @@
 //!
 //! One document per product image, `_id` = `{ p: <the product's _id>, u: <image URL> }`
 //! (the same for every instance, so writes are idempotent upserts):
-//! `{ product, image_url, model, dim, vector: Binary(subtype 9, float32), status: "ok",
-//! updated_at }` or, when the image could not be used, `{ product, image_url, model,
-//! status: "failed", error, updated_at }`. Flat documents, one vector each, as Atlas
+//! `{ product, image_url, model, dim, vector: Binary(subtype 9, float32), category:
+//! [string], price, status: "ok", updated_at }` or, when the image could not be used,
+//! `{ product, image_url, model, status: "failed", error, updated_at }`. `category` and
+//! `price` are the product's (CATEGORY_FIELD, PRICE_FIELD), kept beside the vector for
+//! the request filters. Flat documents, one vector each, as Atlas
 //! Vector Search indexes them. Each document is written whole in one operation, so a
 //! crash leaves either the old document or the new one: never a vector for the wrong
 //! image or model.
@@ -113,9 +115,41 @@ impl ImageKey {
     }
 }
 
+/// What the request filters compare, stored beside each vector: the product's
+/// categories (ObjectIds as hex, so both forms of an id match) and price.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Attrs {
+    pub categories: Vec<String>,
+    pub price: Option<f64>,
+}
+
+impl Attrs {
+    fn insert_into(&self, d: &mut Document) {
+        d.insert("category", self.categories.clone());
+        d.insert("price", self.price.map_or(Bson::Null, Bson::Double));
+    }
+
+    /// From a raw embedding document (absent fields: none).
+    pub fn from_raw(d: &bson::RawDocument) -> Self {
+        let categories = match d.get_array("category") {
+            Ok(a) => a
+                .into_iter()
+                .filter_map(|v| v.ok()?.as_str().map(str::to_string))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let price = match d.get("price") {
+            Ok(Some(bson::RawBsonRef::Double(f))) => Some(f),
+            _ => None,
+        };
+        Self { categories, price }
+    }
+}
+
 /// What we know about an image's stored embedding, without its vector.
 #[derive(Clone, Debug)]
 pub struct StoredMeta {
+    pub attrs: Attrs,
     pub model: String,
     pub ok: bool,
     pub updated_at: DateTime,
@@ -240,9 +274,10 @@ impl EmbeddingStore {
         let mut cursor = self
             .raw
             .find(doc! {})
-            .projection(
-                doc! { "product": 1, "image_url": 1, "model": 1, "status": 1, "updated_at": 1 },
-            )
+            .projection(doc! {
+                "product": 1, "image_url": 1, "model": 1, "status": 1, "updated_at": 1,
+                "category": 1, "price": 1,
+            })
             .batch_size(5000)
             .await?;
         let mut out = HashMap::new();
@@ -254,30 +289,52 @@ impl EmbeddingStore {
         Ok(out)
     }
 
-    /// Stores a batch of vectors (`(image, vector)`, the document layout above) and
-    /// returns their update time.
+    /// Stores a batch of vectors (`(image, its product's attributes, vector)`, the
+    /// document layout above) and returns their update time.
     pub async fn put_vectors(
         &self,
-        items: &[(&ImageKey, &[f32])],
+        items: &[(&ImageKey, &Attrs, &[f32])],
         model: &str,
     ) -> Result<DateTime, DatabaseError> {
         let now = DateTime::now();
         let docs = items
             .iter()
-            .map(|(key, vector)| {
-                doc! {
+            .map(|(key, attrs, vector)| {
+                let mut d = doc! {
                     "_id": key.doc_id(),
                     "product": key.product.to_bson(),
                     "image_url": &key.url,
                     "model": model,
                     "dim": vector.len() as i32,
                     "vector": encode_vector(vector),
-                    "status": "ok",
-                    "updated_at": now,
-                }
+                };
+                attrs.insert_into(&mut d);
+                d.insert("status", "ok");
+                d.insert("updated_at", now);
+                d
             })
             .collect();
         self.upsert_all(docs).await?;
+        Ok(now)
+    }
+
+    /// Sets the stored attributes of images whose product's category or price changed
+    /// (the vector stays), in one `update` command; returns their update time, which
+    /// moves so other instances' caches pick the change up.
+    pub async fn set_attrs(
+        &self,
+        items: &[(&ImageKey, &Attrs)],
+    ) -> Result<DateTime, DatabaseError> {
+        let now = DateTime::now();
+        let updates = items
+            .iter()
+            .map(|(key, attrs)| {
+                let mut set = doc! { "updated_at": now };
+                attrs.insert_into(&mut set);
+                doc! { "q": { "_id": key.doc_id() }, "u": { "$set": set } }
+            })
+            .collect();
+        self.update_command(updates).await?;
         Ok(now)
     }
 
@@ -288,10 +345,6 @@ impl EmbeddingStore {
     /// this 0.4 ms. Idempotent, so not retried here: a failed batch fails the pass and
     /// the next pass redoes it.
     async fn upsert_all(&self, docs: Vec<Document>) -> Result<(), DatabaseError> {
-        if docs.is_empty() {
-            return Ok(());
-        }
-        let n = docs.len();
         let updates: Vec<Document> = docs
             .into_iter()
             .map(|d| {
@@ -299,6 +352,15 @@ impl EmbeddingStore {
                 doc! { "q": { "_id": id }, "u": d, "upsert": true }
             })
             .collect();
+        self.update_command(updates).await
+    }
+
+    /// One `update` command of `updates` (unordered), with the URI's write concern.
+    async fn update_command(&self, updates: Vec<Document>) -> Result<(), DatabaseError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let n = updates.len();
         let mut cmd = doc! {
             "update": self.coll.name(),
             "updates": updates,
@@ -436,6 +498,7 @@ fn raw_product(d: &bson::RawDocument) -> Option<ProductId> {
 pub fn raw_meta(d: &bson::RawDocument) -> Option<(ImageKey, StoredMeta)> {
     let key = ImageKey::new(raw_product(d)?, d.get_str("image_url").ok()?);
     let meta = StoredMeta {
+        attrs: Attrs::from_raw(d),
         model: d.get_str("model").unwrap_or_default().to_string(),
         ok: d.get_str("status").is_ok_and(|s| s == "ok"),
         updated_at: d.get_datetime("updated_at").unwrap_or(DateTime::MIN),

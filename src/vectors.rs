@@ -16,8 +16,8 @@ use crate::config::VectorSettings;
 use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
-use crate::rank::{rank_stream, Ask, Scored, VectorCache};
-use crate::store::{EmbeddingStore, ImageKey, ProductId, StoredMeta};
+use crate::rank::{rank_stream, Ask, Filter, Scored, VectorCache};
+use crate::store::{Attrs, EmbeddingStore, ImageKey, ProductId, StoredMeta};
 
 /// What a search asks of the index beside its vector.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,6 +26,8 @@ pub struct RankQuery {
     pub top_k: usize,
     /// Lowest cosine similarity returned.
     pub threshold: f32,
+    /// The request filters (category, price), applied before the cut.
+    pub filter: Filter,
 }
 
 /// Every stored embedding's metadata, by product image.
@@ -40,7 +42,18 @@ pub struct Counts {
 
 /// A write of an index pass, for the cache.
 pub enum Change {
-    Stored(ImageKey, Vec<f32>, DateTime),
+    Stored {
+        image: ImageKey,
+        vector: Vec<f32>,
+        attrs: Attrs,
+        at: DateTime,
+    },
+    /// New category or price, same vector.
+    Retagged {
+        image: ImageKey,
+        attrs: Attrs,
+        at: DateTime,
+    },
     Removed(ImageKey),
 }
 
@@ -146,10 +159,18 @@ impl VectorIndex {
     /// Stores the vectors of one batch; returns their update time.
     pub async fn put_vectors(
         &self,
-        items: &[(&ImageKey, &[f32])],
+        items: &[(&ImageKey, &Attrs, &[f32])],
         model: &str,
     ) -> Result<DateTime, DatabaseError> {
         self.store.put_vectors(items, model).await
+    }
+
+    /// Stores new filter attributes for images whose vectors stay; returns the time.
+    pub async fn set_attrs(
+        &self,
+        items: &[(&ImageKey, &Attrs)],
+    ) -> Result<DateTime, DatabaseError> {
+        self.store.set_attrs(items).await
     }
 
     /// Records that a product image could not be used (retried later).
@@ -175,8 +196,14 @@ impl VectorIndex {
         if let Some(c) = guard.as_mut() {
             for change in changes {
                 match change {
-                    Change::Stored(id, v, at) => c.upsert(id, &v, at),
-                    Change::Removed(id) => c.remove(&id),
+                    Change::Stored {
+                        image,
+                        vector,
+                        attrs,
+                        at,
+                    } => c.upsert(image, &vector, &attrs, at),
+                    Change::Retagged { image, attrs, at } => c.set_attrs(&image, &attrs, at),
+                    Change::Removed(image) => c.remove(&image),
                 }
             }
         }

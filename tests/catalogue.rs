@@ -24,8 +24,15 @@ const PRODUCTS: &[(&str, bool, &str, &str)] = &[
     ("Motorbike", true, "motorcycle_left.png", "ihc.png"),
 ];
 
+/// The categories: the even products' (the third one keeps it as a string, as some
+/// backends do) and the odd ones'.
+const CATEGORY_A: &str = "65a1e9c2e4b0a1b2c3d4e5f6";
+const CATEGORY_B: &str = "65a1e9c2e4b0a1b2c3d4e5f7";
+
 const CLOUDINARY_VARS: &[(&str, &str)] = &[
     ("PRODUCT_IMAGE_FIELD", "image.url,images"),
+    ("CATEGORY_FIELD", "category"),
+    ("PRICE_FIELD", "price"),
     ("PRODUCT_FILTER", r#"{"isHidden": {"$ne": true}}"#),
     ("PRODUCT_FIELDS", "_id,name,price,category,image,images"),
     ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
@@ -40,7 +47,6 @@ async fn cloudinary_shop(cache: &str) -> TestApp {
         .await
         .database("test")
         .collection::<Document>("products");
-    let category = ObjectId::parse_str("65a1e9c2e4b0a1b2c3d4e5f6").unwrap();
     let mut ids = HashMap::new();
     for (i, (name, hidden, main, other)) in PRODUCTS.iter().enumerate() {
         for file in [main, other] {
@@ -48,6 +54,11 @@ async fn cloudinary_shop(cache: &str) -> TestApp {
         }
         let again = format!("again-{main}.jpg");
         images.put(&again, jpeg(&photo(main), 70));
+        let category = match i {
+            2 => mongodb::bson::Bson::String(CATEGORY_A.into()),
+            _ if i % 2 == 0 => ObjectId::parse_str(CATEGORY_A).unwrap().into(),
+            _ => ObjectId::parse_str(CATEGORY_B).unwrap().into(),
+        };
         let mut d = doc! {
             "name": name,
             "price": 100 * (i as i32 + 1),
@@ -133,7 +144,8 @@ async fn a_cloudinary_style_catalogue_is_searched_through_every_photo() {
                 }
                 // The configured fields, as stored.
                 assert!(first["product"]["image"]["public_id"].is_string());
-                assert_eq!(first["product"]["category"], "65a1e9c2e4b0a1b2c3d4e5f6");
+                let category = first["product"]["category"].as_str().unwrap();
+                assert!([CATEGORY_A, CATEGORY_B].contains(&category), "{first}");
                 assert!(first["product"].get("isHidden").is_none());
                 results.push(body);
             }
@@ -311,4 +323,108 @@ async fn an_upgrade_carries_the_old_layout_over_without_recomputing() {
     assert_eq!(after, before);
     // The new service ran the model for the query only.
     assert!(app.model_runs().await <= 1, "{runs} before");
+}
+
+/// The request filters, on both searches and on similar, in both ranking modes: applied
+/// before the cut (top_k=1 in a category gives its best product, not an empty list),
+/// ObjectId and string forms of a category both match, and a new price is seen after
+/// one pass without embedding anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn category_and_price_filters_apply_before_the_cut() {
+    for cache in ["false", "true"] {
+        let app = cloudinary_shop(cache).await;
+        let (code, report) = app.refresh().await;
+        assert_eq!(code, 200, "{report}");
+        let cat = jpeg(&photo("chelsea.png"), 85);
+        let found = |params: String| {
+            let (app, q) = (&app, cat.clone());
+            async move {
+                let (code, body) = app.search_upload(q, &format!("threshold=0&{params}")).await;
+                assert_eq!(code, 200, "{params}: {body}");
+                let mut got = names(&body);
+                got.sort();
+                got
+            }
+        };
+        let a_and_b = format!("category={CATEGORY_A},{CATEGORY_B}");
+        for (params, want) in [
+            (
+                format!("category={CATEGORY_A}"),
+                vec!["Astronaut poster", "Cat figurine"],
+            ),
+            (format!("category={CATEGORY_B}"), vec!["Espresso cup"]),
+            (
+                format!("category={CATEGORY_B}&top_k=1"),
+                vec!["Espresso cup"],
+            ),
+            (
+                a_and_b.clone(),
+                vec!["Astronaut poster", "Cat figurine", "Espresso cup"],
+            ),
+            (
+                format!("category={CATEGORY_A}&category=none"),
+                vec!["Astronaut poster", "Cat figurine"],
+            ),
+            ("category=none".into(), vec![]),
+            (
+                "min_price=150&max_price=350".into(),
+                vec!["Astronaut poster", "Espresso cup"],
+            ),
+            ("max_price=100".into(), vec!["Cat figurine"]),
+            (
+                format!("min_price=250&category={CATEGORY_A}"),
+                vec!["Astronaut poster"],
+            ),
+        ] {
+            assert_eq!(found(params.clone()).await, want, "cache={cache}: {params}");
+        }
+        // The JSON body of /search/url takes the same filters.
+        let r = app
+            .http
+            .post(app.url("/api/v1/search/url"))
+            .json(&serde_json::json!({
+                "image_url": app.images.url("chelsea.png"), "threshold": 0,
+                "category": [CATEGORY_A, CATEGORY_B], "min_price": 150,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut got = names(&r.json().await.unwrap());
+        got.sort();
+        assert_eq!(got, ["Astronaut poster", "Espresso cup"], "cache={cache}");
+        // Similar takes them too.
+        let cat_id = app.ids["Cat figurine"].to_hex();
+        let (code, body) = app
+            .get(&format!(
+                "/api/v1/products/{cat_id}/similar?threshold=0&category={CATEGORY_B}"
+            ))
+            .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(names(&body), ["Espresso cup"]);
+
+        // A new price: seen after one pass, and nothing embedded for it.
+        let runs = app.model_runs().await;
+        app.products()
+            .update_one(
+                doc! { "_id": app.ids["Espresso cup"] },
+                doc! { "$set": { "price": 1000 } },
+            )
+            .await
+            .unwrap();
+        let (code, report) = app.refresh().await;
+        assert_eq!(code, 200, "{report}");
+        assert_eq!(report["embedded"], 0, "{report}");
+        assert_eq!(report["retagged"], 3, "its three images: {report}");
+        assert_eq!(app.model_runs().await, runs, "no model run");
+        assert_eq!(
+            found("min_price=900".into()).await,
+            ["Espresso cup"],
+            "cache={cache}"
+        );
+        assert!(found("max_price=300".into())
+            .await
+            .iter()
+            .all(|n| n != "Espresso cup"));
+    }
 }

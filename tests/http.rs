@@ -247,6 +247,12 @@ async fn bad_parameters_get_422_with_a_detail() {
         "&threshold=-0.1",
         "&threshold=1.5",
         "&threshold=nan",
+        "&min_price=abc",
+        "&max_price=",
+        "&min_price=10&max_price=5",
+        "&category=",
+        "&category=a,,b",
+        "&category=a&category=%20",
     ] {
         let uri = format!("/api/v1/search/url?{img}{params}");
         let req = Request::post(uri).body(Body::empty()).unwrap();
@@ -260,6 +266,10 @@ async fn bad_parameters_get_422_with_a_detail() {
         "{not json",
         "[1,2]",
         "{\"image_url\": 5}",
+        "{\"image_url\": \"http://127.0.0.1:9/a.png\", \"category\": []}",
+        "{\"image_url\": \"http://127.0.0.1:9/a.png\", \"category\": [\"a\", 5]}",
+        "{\"image_url\": \"http://127.0.0.1:9/a.png\", \"min_price\": \"cheap\"}",
+        "{\"image_url\": \"http://127.0.0.1:9/a.png\", \"min_price\": 3, \"max_price\": 2}",
     ] {
         let req = post("/api/v1/search/url", "application/json", body);
         let (status, _, v) = send(app.clone(), req).await;

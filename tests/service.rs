@@ -590,6 +590,7 @@ async fn search_all(
     let everything = search_img::vectors::RankQuery {
         top_k: 50,
         threshold: 0.0,
+        filter: Default::default(),
     };
     state.search().by_bytes(bytes, &everything).await.unwrap().0
 }

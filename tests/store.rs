@@ -8,7 +8,7 @@ mod common;
 use common::mongo::MongoServer;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use search_img::rank::VectorCache;
-use search_img::store::{encode_vector, EmbeddingStore, ImageKey, ProductId};
+use search_img::store::{encode_vector, Attrs, EmbeddingStore, ImageKey, ProductId};
 
 fn id(n: u8) -> ProductId {
     ProductId::Oid(ObjectId::from_bytes([n; 12]))
@@ -32,7 +32,7 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
     // `a` failed before, `b` has another model's vector, `a2` and `c` are new.
     store.put_failure(&a, "m", "404").await.unwrap();
     store
-        .put_vectors(&[(&b, &[0.0, 1.0, 0.0])], "old-model")
+        .put_vectors(&[(&b, &Attrs::default(), &[0.0, 1.0, 0.0])], "old-model")
         .await
         .unwrap();
     let (va, va2, vb, vc) = (
@@ -41,13 +41,31 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
         [0.0f32, 1.0, 0.0],
         [0.6f32, 0.8, 0.0],
     );
+    let none = Attrs::default();
+    let shoes = Attrs {
+        categories: vec!["65a1e9c2e4b0a1b2c3d4e5f6".into(), "shoes".into()],
+        price: Some(12.5),
+    };
     let at = store
-        .put_vectors(&[(&a, &va), (&a2, &va2), (&b, &vb), (&c, &vc)], "m")
+        .put_vectors(
+            &[
+                (&a, &none, &va),
+                (&a2, &none, &va2),
+                (&b, &none, &vb),
+                (&c, &shoes, &vc),
+            ],
+            "m",
+        )
         .await
         .unwrap();
 
     let metas = store.metas().await.unwrap();
     assert_eq!(metas.len(), 4, "one document per product image");
+    assert_eq!(
+        metas[&c].attrs, shoes,
+        "the filter attributes beside the vector"
+    );
+    assert_eq!(metas[&a].attrs, none);
     for key in [&a, &a2, &b, &c] {
         let m = &metas[key];
         assert!(m.ok && m.model == "m", "{key:?}: {m:?}");
@@ -77,6 +95,21 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
     assert!(raw.get("error").is_none(), "{raw}");
     assert_eq!(raw.get("status"), Some(&Bson::String("ok".into())));
     assert_eq!(raw.get("product"), Some(&a.product.to_bson()));
+    // New attributes, same vector, a later time.
+    let cheaper = Attrs {
+        price: Some(9.0),
+        ..shoes.clone()
+    };
+    let later = store.set_attrs(&[(&c, &cheaper)]).await.unwrap();
+    let m = &store.metas().await.unwrap()[&c];
+    assert_eq!((&m.attrs, m.updated_at), (&cheaper, later));
+    assert!(later >= at);
+    let mut reloaded = VectorCache::new("m".into(), 3);
+    reloaded
+        .load(store.vectors("m", None, 100).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reloaded.rank(&[0.6, 0.8, 0.0], 1, 0.9)[0].id, c.product);
     // An empty batch writes nothing and is no error; deleting by image leaves the
     // product's other image.
     store.put_vectors(&[], "m").await.unwrap();
@@ -113,7 +146,10 @@ async fn the_one_per_product_layout_is_carried_over_without_recomputing() {
     let store = EmbeddingStore::new(&db, "emb");
     // As if a crash had come after product 2's upsert and before its delete.
     store
-        .put_vectors(&[(&img(2, "http://x/b.jpg"), &[0.0, 1.0])], "m")
+        .put_vectors(
+            &[(&img(2, "http://x/b.jpg"), &Attrs::default(), &[0.0, 1.0])],
+            "m",
+        )
         .await
         .unwrap();
     let before = store.metas().await.unwrap();
@@ -171,8 +207,9 @@ async fn a_write_concern_the_server_cannot_meet_is_an_error() {
         .unwrap();
     let store = EmbeddingStore::new(&client.database("t"), "emb");
     let key = img(1, "http://x/a.jpg");
+    let none = Attrs::default();
     let err = store
-        .put_vectors(&[(&key, &[1.0, 0.0])], "m")
+        .put_vectors(&[(&key, &none, &[1.0, 0.0])], "m")
         .await
         .unwrap_err();
     assert!(
@@ -181,5 +218,7 @@ async fn a_write_concern_the_server_cannot_meet_is_an_error() {
     );
     // With the default write concern the same batch is stored.
     let ok = EmbeddingStore::new(&mongo.client().await.database("t"), "emb");
-    ok.put_vectors(&[(&key, &[1.0, 0.0])], "m").await.unwrap();
+    ok.put_vectors(&[(&key, &none, &[1.0, 0.0])], "m")
+        .await
+        .unwrap();
 }

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::config::SearchSettings;
 use crate::error::{AppError, ImageError};
+use crate::rank::Filter;
 use crate::search::{SearchResult, Searched};
 use crate::service::AppState;
 use crate::vectors::RankQuery;
@@ -31,7 +32,7 @@ fn timed((results, timings): Searched) -> Results {
         Json(results),
     ))
 }
-type QueryParams = Result<Query<HashMap<String, String>>, QueryRejection>;
+type QueryParams = Result<Query<Vec<(String, String)>>, QueryRejection>;
 
 /// `POST /api/v1/search/url?image_url=..&top_k=..&threshold=..` or with a JSON body.
 pub async fn by_url(
@@ -78,12 +79,15 @@ pub async fn similar(
 
 /// The parameters each search reads (query parameters, and for `/search/url` the JSON
 /// body's fields), as the OpenAPI document must list them.
-pub const URL_PARAMETERS: &[&str] = &[IMAGE_URL, TOP_K, THRESHOLD];
-pub const UPLOAD_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD];
-pub const SIMILAR_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD];
+pub const URL_PARAMETERS: &[&str] = &[IMAGE_URL, TOP_K, THRESHOLD, CATEGORY, MIN_PRICE, MAX_PRICE];
+pub const UPLOAD_PARAMETERS: &[&str] = &[TOP_K, THRESHOLD, CATEGORY, MIN_PRICE, MAX_PRICE];
+pub const SIMILAR_PARAMETERS: &[&str] = UPLOAD_PARAMETERS;
 const IMAGE_URL: &str = "image_url";
 const TOP_K: &str = "top_k";
 const THRESHOLD: &str = "threshold";
+const CATEGORY: &str = "category";
+const MIN_PRICE: &str = "min_price";
+const MAX_PRICE: &str = "max_price";
 
 /// Validated search parameters.
 #[derive(Debug, PartialEq)]
@@ -94,15 +98,22 @@ pub struct SearchParams {
 }
 
 impl SearchParams {
-    /// Merges query parameters and (optionally) a JSON object; the body wins.
+    /// Merges query parameters and (optionally) a JSON object; the body wins. A query
+    /// parameter given twice counts once, the last, except `category`, which takes
+    /// every value given (and comma-separated lists).
     fn parse(
         cfg: &SearchSettings,
-        query: &HashMap<String, String>,
+        query: &HashMap<String, Vec<String>>,
         body: Option<&Map<String, Value>>,
     ) -> Result<Self, AppError> {
+        let from_body = |name: &str| body.and_then(|b| b.get(name).filter(|v| !v.is_null()));
         let get = |name: &str| -> Option<Value> {
-            body.and_then(|b| b.get(name).filter(|v| !v.is_null()).cloned())
-                .or_else(|| query.get(name).map(|s| Value::String(s.clone())))
+            from_body(name).cloned().or_else(|| {
+                query
+                    .get(name)
+                    .and_then(|v| v.last())
+                    .map(|s| Value::String(s.clone()))
+            })
         };
         let invalid =
             |what: &str, v: &Value| AppError::Unprocessable(format!("{what}, got {}", show(v)));
@@ -125,11 +136,76 @@ impl SearchParams {
             Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
             Some(v) => return Err(invalid("image_url must be a non-empty string", &v)),
         };
+        let categories = match from_body(CATEGORY) {
+            Some(v) => categories(std::slice::from_ref(v)),
+            None => match query.get(CATEGORY) {
+                Some(values) => {
+                    let values: Vec<Value> = values.iter().cloned().map(Value::String).collect();
+                    categories(&values)
+                }
+                None => Ok(Vec::new()),
+            },
+        };
+        let categories = categories.map_err(|v| {
+            invalid(
+                "category must be a non-empty string (an id or a name) or a list of them",
+                &v,
+            )
+        })?;
+        let price = |name: &str| match get(name) {
+            None => Ok(None),
+            Some(v) => number(&v)
+                .map(Some)
+                .ok_or_else(|| invalid(&format!("{name} must be a number"), &v)),
+        };
+        let (min_price, max_price) = (price(MIN_PRICE)?, price(MAX_PRICE)?);
+        if let (Some(lo), Some(hi)) = (min_price, max_price) {
+            if lo > hi {
+                return Err(AppError::Unprocessable(format!(
+                    "min_price must not exceed max_price, got {lo} and {hi}"
+                )));
+            }
+        }
         Ok(Self {
             image_url,
-            rank: RankQuery { top_k, threshold },
+            rank: RankQuery {
+                top_k,
+                threshold,
+                filter: Filter {
+                    categories,
+                    min_price,
+                    max_price,
+                },
+            },
         })
     }
+}
+
+/// The `category` values: strings (each may list several, comma-separated) or arrays of
+/// them; an empty one is an error (the value is returned to name it).
+fn categories(values: &[Value]) -> Result<Vec<String>, Value> {
+    let mut out = Vec::new();
+    for v in values {
+        match v {
+            Value::String(s) => {
+                for part in s.split(',') {
+                    let part = part.trim();
+                    if part.is_empty() {
+                        return Err(v.clone());
+                    }
+                    out.push(part.to_string());
+                }
+            }
+            Value::Array(items) if !items.is_empty() => {
+                let nested = categories(items).map_err(|_| v.clone())?;
+                out.extend(nested);
+            }
+            other => return Err(other.clone()),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 fn number(v: &Value) -> Option<f64> {
@@ -147,9 +223,14 @@ fn show(v: &Value) -> String {
     }
 }
 
-fn query_map(q: QueryParams) -> Result<HashMap<String, String>, AppError> {
-    q.map(|Query(m)| m)
-        .map_err(|e| AppError::Unprocessable(format!("invalid query string: {}", e.body_text())))
+fn query_map(q: QueryParams) -> Result<HashMap<String, Vec<String>>, AppError> {
+    let Query(pairs) =
+        q.map_err(|e| AppError::Unprocessable(format!("invalid query string: {}", e.body_text())))?;
+    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    for (k, v) in pairs {
+        map.entry(k).or_default().push(v);
+    }
+    Ok(map)
 }
 
 /// The JSON object body of `/search/url`, if there is a body.
@@ -202,4 +283,48 @@ async fn read_file_field(multipart: &mut Multipart, max: usize) -> Result<Bytes,
     Err(AppError::Unprocessable(
         "the multipart body has no field `file`".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(query: &str, body: Option<Value>) -> Result<SearchParams, AppError> {
+        let Query(pairs): Query<Vec<(String, String)>> =
+            Query::try_from_uri(&format!("http://x/?{query}").parse().unwrap()).unwrap();
+        let map = query_map(Ok(Query(pairs))).unwrap();
+        let cfg = crate::config::Config::defaults().search;
+        SearchParams::parse(&cfg, &map, body.as_ref().and_then(Value::as_object))
+    }
+
+    #[test]
+    fn filters_come_from_the_query_or_the_body() {
+        let f = parse("category=b,a&category=c&min_price=10&max_price=20.5", None)
+            .unwrap()
+            .rank
+            .filter;
+        assert_eq!(f.categories, ["a", "b", "c"]);
+        assert_eq!((f.min_price, f.max_price), (Some(10.0), Some(20.5)));
+        let f = parse(
+            "category=ignored&min_price=1",
+            Some(serde_json::json!({ "category": ["x", "y,z"], "max_price": "7" })),
+        )
+        .unwrap()
+        .rank
+        .filter;
+        assert_eq!(f.categories, ["x", "y", "z"], "the body wins");
+        assert_eq!((f.min_price, f.max_price), (Some(1.0), Some(7.0)));
+        assert!(parse("top_k=3&top_k=4", None)
+            .unwrap()
+            .rank
+            .filter
+            .is_empty());
+        assert_eq!(parse("top_k=3&top_k=4", None).unwrap().rank.top_k, 4);
+        let e = parse("min_price=9&max_price=3", None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_price must not exceed max_price"), "{e}");
+        let e = parse("category=", None).unwrap_err().to_string();
+        assert!(e.starts_with("category must be"), "{e}");
+    }
 }

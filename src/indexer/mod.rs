@@ -36,6 +36,9 @@ pub struct IndexReport {
     pub indexed_images: usize,
     /// Embeddings computed in this pass.
     pub embedded: usize,
+    /// Embeddings whose product's category or price changed: attributes rewritten,
+    /// nothing embedded.
+    pub retagged: usize,
     /// Images that failed in this pass.
     pub failed: usize,
     /// Images that failed earlier and are not due for a retry yet.
@@ -258,9 +261,9 @@ impl Indexer {
         let start = Instant::now();
         // The catalogue read needs no model: on the first pass it runs while the model
         // loads.
-        let images = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
+        let catalog = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
         let model_and_metas = async { self.vectors.metas_for_pass(self.embedder.model()).await };
-        let (images, (model, metas)) = tokio::try_join!(images, model_and_metas)?;
+        let (catalog, (model, metas)) = tokio::try_join!(catalog, model_and_metas)?;
         let pipeline = Pipeline {
             embedder: &self.embedder,
             model,
@@ -271,7 +274,7 @@ impl Indexer {
             retry_failed_after: self.settings.retry_failed_after,
             progress: &*progress,
         };
-        let (report, changes) = pipeline.run(images, metas, start).await;
+        let (report, changes) = pipeline.run(catalog, metas, start).await;
         // The pass's catalogue, metadata map and image buffers are freed now.
         crate::rank::release_freed_memory();
         // What was stored goes to the cache even if the pass failed half-way.

@@ -5,7 +5,7 @@
 //! the model. A photo that cannot be used is recorded as failed (retried after
 //! RETRY_FAILED_AFTER_SECS), not an error of the pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,10 +16,11 @@ use ndarray::Array3;
 use tokio::sync::mpsc;
 
 use super::{IndexReport, PassError};
+use crate::catalog::Searchable;
 use crate::embedder::{ms_since, Embedder};
 use crate::encoder::Encoder;
 use crate::fetch::Fetcher;
-use crate::store::{ImageKey, ProductId};
+use crate::store::{Attrs, ImageKey, ProductId};
 use crate::vectors::{Change, Metas, VectorIndex};
 
 /// Which product images need an embedding, and which stored embeddings must go.
@@ -35,12 +36,16 @@ pub struct Plan {
     pub failed_waiting: usize,
     /// Images whose stored embedding is usable as it is.
     pub up_to_date: usize,
+    /// Of those, images whose product's category or price changed: their stored
+    /// attributes are rewritten, the vector stays.
+    pub retag: Vec<ImageKey>,
     /// Products with at least one usable embedding already.
     pub ready: HashSet<ProductId>,
 }
 
 pub fn plan(
     images: &[ImageKey],
+    attrs: &HashMap<ProductId, Attrs>,
     metas: &Metas,
     model: &str,
     retry_failed_after: Duration,
@@ -54,6 +59,9 @@ pub fn plan(
                 if m.ok {
                     plan.up_to_date += 1;
                     plan.ready.insert(image.product.clone());
+                    if attrs.get(&image.product).is_some_and(|a| *a != m.attrs) {
+                        plan.retag.push(image.clone());
+                    }
                 } else if age >= retry_failed_after.as_millis() as i64 {
                     plan.todo.push(image.clone());
                 } else {
@@ -110,17 +118,18 @@ struct ModelStageStats {
 }
 
 impl Pipeline<'_> {
-    /// One pass over `images` (the searchable products' images) against `metas` (every
-    /// stored embedding's metadata), both read by the caller, which started at `start`.
-    /// Returns the report and every write made, failed or not (for the cache).
+    /// One pass over `catalog` (the searchable products' images and attributes) against
+    /// `metas` (every stored embedding's metadata), both read by the caller, which
+    /// started at `start`. Returns the report and every write made, failed or not (for
+    /// the cache).
     pub async fn run(
         &self,
-        images: Vec<ImageKey>,
+        catalog: Searchable,
         metas: Metas,
         start: Instant,
     ) -> (Result<IndexReport, PassError>, Vec<Change>) {
         let changes = Mutex::new(Vec::new());
-        let report = self.run_recording(images, metas, start, &changes).await;
+        let report = self.run_recording(catalog, metas, start, &changes).await;
         (
             report,
             changes.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -129,15 +138,17 @@ impl Pipeline<'_> {
 
     async fn run_recording(
         &self,
-        images: Vec<ImageKey>,
+        catalog: Searchable,
         metas: Metas,
         start: Instant,
         changes: &Mutex<Vec<Change>>,
     ) -> Result<IndexReport, PassError> {
         let record = |c: Change| changes.lock().unwrap_or_else(|p| p.into_inner()).push(c);
         let model = self.model.identity().key();
+        let Searchable { images, attrs } = catalog;
         let plan = plan(
             &images,
+            &attrs,
             &metas,
             &model,
             self.retry_failed_after,
@@ -159,6 +170,21 @@ impl Pipeline<'_> {
             plan.gone
                 .into_iter()
                 .for_each(|id| record(Change::Removed(id)));
+        }
+        for chunk in plan.retag.chunks(1000) {
+            let items: Vec<_> = chunk
+                .iter()
+                .filter_map(|i| Some((i, attrs.get(&i.product)?)))
+                .collect();
+            let at = self.vectors.set_attrs(&items).await?;
+            report.retagged += items.len();
+            for (image, a) in items {
+                record(Change::Retagged {
+                    image: image.clone(),
+                    attrs: a.clone(),
+                    at,
+                });
+            }
         }
         let todo = plan.todo;
         if !todo.is_empty() {
@@ -199,18 +225,26 @@ impl Pipeline<'_> {
             let (mut embedded, mut store_ms, mut done_products) = (0, 0.0, Vec::new());
             while let Some(Embedded { images, vectors }) = rx.recv().await {
                 let t = Instant::now();
+                let none = Attrs::default();
+                let attrs_of = |i: &ImageKey| attrs.get(&i.product).unwrap_or(&none);
                 let items: Vec<_> = images
                     .iter()
                     .zip(&vectors)
-                    .map(|(i, v)| (i, v.as_slice()))
+                    .map(|(i, v)| (i, attrs_of(i), v.as_slice()))
                     .collect();
                 let at = self.vectors.put_vectors(&items, &model).await?;
                 store_ms += ms_since(t);
                 embedded += images.len();
                 advance(images.len());
-                for (i, v) in images.into_iter().zip(vectors) {
-                    done_products.push(i.product.clone());
-                    record(Change::Stored(i, v, at));
+                for (image, vector) in images.into_iter().zip(vectors) {
+                    done_products.push(image.product.clone());
+                    let attrs = attrs_of(&image).clone();
+                    record(Change::Stored {
+                        image,
+                        vector,
+                        attrs,
+                        at,
+                    });
                 }
             }
             Ok::<_, PassError>((embedded, store_ms, done_products))
@@ -345,6 +379,7 @@ mod tests {
 
     fn meta(model: &str, ok: bool, at: i64) -> StoredMeta {
         StoredMeta {
+            attrs: Attrs::default(),
             model: model.into(),
             ok,
             updated_at: DateTime::from_millis(at),
@@ -368,7 +403,8 @@ mod tests {
         metas.insert(p(4, "d"), meta("m", false, 9_000)); // failed recently
         metas.insert(p(9, "z"), meta("m", true, 0)); // product deleted
         let now = DateTime::from_millis(10_000);
-        let plan1 = plan(&images, &metas, "m", Duration::from_secs(5), now);
+        let mut attrs = HashMap::new();
+        let plan1 = plan(&images, &attrs, &metas, "m", Duration::from_secs(5), now);
         let urls: Vec<_> = plan1.todo.iter().map(|t| t.url.as_str()).collect();
         assert_eq!(urls, vec!["b", "c", "e", "a2"]);
         let mut gone = plan1.gone.clone();
@@ -376,9 +412,19 @@ mod tests {
         assert_eq!(gone, vec![p(2, "old"), p(9, "z")]);
         assert_eq!((plan1.failed_waiting, plan1.up_to_date), (1, 1));
         assert_eq!(plan1.ready, HashSet::from([p(1, "").product]));
+        assert!(plan1.retag.is_empty());
         // Once the retry delay has passed the failed one is tried again.
-        let plan2 = plan(&images, &metas, "m", Duration::from_secs(1), now);
+        let plan2 = plan(&images, &attrs, &metas, "m", Duration::from_secs(1), now);
         assert!(plan2.todo.iter().any(|t| t.url == "d"));
         assert_eq!(plan2.failed_waiting, 0);
+        // A new price of product 1: its usable image is retagged, not embedded again.
+        let priced = Attrs {
+            categories: vec!["c".into()],
+            price: Some(5.0),
+        };
+        attrs.insert(p(1, "").product, priced);
+        let plan3 = plan(&images, &attrs, &metas, "m", Duration::from_secs(5), now);
+        assert_eq!(plan3.retag, vec![p(1, "a")]);
+        assert!(!plan3.todo.contains(&p(1, "a")));
     }
 }
