@@ -422,10 +422,19 @@ class Service:
     def search_url(self):
         return f"http://127.0.0.1:{self.port}/api/v1/search/image?top_k=10&threshold=0"
 
-    def load(self, concurrency, requests, warmup=0):
-        return run_json([LOAD, "load", "--url", self.search_url(), "--file",
-                         WORK / "query.jpg", "--concurrency", concurrency, "--requests",
-                         requests, "--warmup", warmup, "--max-secs", MAX_SECS])
+    def load(self, concurrency, requests, warmup=0, url=None, upload=True):
+        """`url`: another search (filtered); `upload=False`: GET it (similar products)."""
+        cmd = [LOAD, "load", "--url", url or self.search_url(), "--concurrency",
+               concurrency, "--requests", requests, "--warmup", warmup, "--max-secs", MAX_SECS]
+        return run_json(cmd + (["--file", WORK / "query.jpg"] if upload else []))
+
+    def filtered_url(self, category):
+        """The search with a category (one of the catalogue's 12) and a price bound."""
+        return f"{self.search_url()}&category={category}&max_price=500000"
+
+    def similar_url(self, product):
+        return (f"http://127.0.0.1:{self.port}/api/v1/products/{product}/similar"
+                f"?top_k=10&threshold=0")
 
     def freeze_peaks(self):
         """Peak RSS so far (VmHWM, and the largest sample): what stop() reports."""
@@ -536,6 +545,11 @@ def bench_model(model, uri, img_port, neighbours):
             _, status = http_json("GET", svc.port, "/api/v1/status")
             c1 = svc.load(1, C1, warmup=5)
             c10 = svc.load(10, C10, warmup=0)
+            probe = first_product(uri)
+            c1_filtered = svc.load(1, C1, warmup=5,
+                                   url=svc.filtered_url(probe["productCategory"]))
+            c1_similar = svc.load(1, C1, warmup=5, url=svc.similar_url(probe["_id"]),
+                                  upload=False)
             rss_end = svc.rss_mb()
             if (model == OVERLOAD_MODEL and size == overload_size() and cache == "false"
                     and OVERLOAD_SECS > 0):
@@ -568,6 +582,8 @@ def bench_model(model, uri, img_port, neighbours):
                 "status": status,
                 "c1": c1,
                 "c10": c10,
+                "c1_filtered": c1_filtered,
+                "c1_similar": c1_similar,
                 "peak_rss_mb": svc.peak_mb,
                 "max_sampled_rss_mb": svc.max_sampled_mb,
                 "cache_heap": svc.cache_heap,
@@ -576,9 +592,12 @@ def bench_model(model, uri, img_port, neighbours):
             log(f"{model} {size} cache={cache}: health {svc.health_ms:.0f} ms, idle "
                 f"{svc.idle_rss_mb:.1f} MB, first {first['p50_ms']:.0f} ms, c1 p50 "
                 f"{c1['p50_ms']:.1f} ms, c10 p50 {c10['p50_ms']:.1f} ms "
-                f"{c10['rps']:.1f}/s, peak {svc.peak_mb:.0f} MB")
-            if c1["ok"] < c1["requests"] or c10["ok"] < c10["requests"]:
-                log(f"  errors: c1 {c1['statuses']} c10 {c10['statuses']}")
+                f"{c10['rps']:.1f}/s, peak {svc.peak_mb:.0f} MB; c1 p50 filtered "
+                f"{c1_filtered['p50_ms']:.1f} ms, similar {c1_similar['p50_ms']:.1f} ms")
+            for name, run in (("c1", c1), ("c10", c10), ("filtered", c1_filtered),
+                              ("similar", c1_similar)):
+                if run["ok"] < run["requests"]:
+                    log(f"  errors: {name} {run['statuses']}")
     out["dim"] = status["model"]["dim"] if status.get("model") else None
     out["elapsed_s"] = time.monotonic() - t_model
     return out
@@ -586,6 +605,16 @@ def bench_model(model, uri, img_port, neighbours):
 
 # --------------------------------------------------------------------------------------
 # Figures, targets, tables
+
+
+def first_product(uri):
+    """The catalogue's first product (in every MAX_PRODUCTS cut): its id and category,
+    hex, for the filtered and similar phases."""
+    client = pymongo.MongoClient(uri)
+    d = client[DB]["products"].find_one({}, sort=[("_id", 1)],
+                                        projection={"productCategory": 1})
+    client.close()
+    return {"_id": str(d["_id"]), "productCategory": str(d["productCategory"])}
 
 
 def bare_figures(m):
@@ -686,6 +715,25 @@ def tables(result):
                     f"{fmt(c10['p95_ms'])} / {fmt(c10['p99_ms'])} | {fmt(c10['rps'])} | {errs} | "
                     f"{fmt(c['peak_rss_mb'], 0)} / {fmt(c['max_sampled_rss_mb'], 0)} | "
                     f"{'yes' if peak < BUDGET_MB else 'NO'} |")
+    lines.append("")
+    lines.append("Filters and similar products at c=1 (p50 ms; the filter: one category of 12 "
+                 "and `max_price=500000`, about 1 product in 25; similar: "
+                 "`/api/v1/products/{id}/similar`, no model run):")
+    lines.append("")
+    lines.append("| model | products | cache | search | filtered search | filtered / search "
+                 "| similar | similar / search |")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    for m in result["models"]:
+        for size, r in m["sizes"].items():
+            for cache in ("false", "true"):
+                c = r["cache_" + cache]
+                if "c1_filtered" not in c:
+                    continue
+                base = c["c1"]["p50_ms"]
+                filt, sim = c["c1_filtered"]["p50_ms"], c["c1_similar"]["p50_ms"]
+                ratio = lambda x: fmt(x / base, 2) if x and base else "-"  # noqa: E731
+                lines.append(f"| {m['model']} | {int(size):,} | {cache} | {fmt(base)} | "
+                             f"{fmt(filt)} | {ratio(filt)} | {fmt(sim)} | {ratio(sim)} |")
     lines.append("")
     lines.append("Search time split at c=1 (medians from the service's Server-Timing header, ms):")
     lines.append("")

@@ -67,40 +67,51 @@ impl Catalog {
         } else {
             self.coll.find(self.filter.clone().unwrap_or_default())
         };
-        let mut projection = Document::new();
-        for path in self
-            .image_paths
-            .iter()
-            .chain([&self.category_path, &self.price_path])
-        {
+        let mut projection = self.images_projection();
+        for path in [&self.category_path, &self.price_path] {
             projection.insert(path[0].as_str(), 1);
         }
         let find = find.projection(projection).batch_size(5000);
         let mut cursor = find.await?;
         let mut out = Searchable::default();
-        let mut urls = Vec::new();
         while let Some(d) = cursor.try_next().await? {
             let Some(id) = d.get("_id") else {
                 continue;
             };
-            urls.clear();
-            for path in &self.image_paths {
-                if let Some(v) = d.get(&path[0]) {
-                    images_at(v, &path[1..], &mut urls);
-                }
-            }
-            if urls.is_empty() {
-                continue;
-            }
             let id = ProductId::from_bson(id.clone());
-            for (i, url) in urls.iter().enumerate() {
-                if !urls[..i].contains(url) {
-                    out.images.push(ImageKey::new(id.clone(), url.as_str()));
-                }
+            let images = self.images(&id, &d);
+            if !images.is_empty() {
+                out.images.extend(images);
+                out.attrs.insert(id, self.attrs(&d));
             }
-            out.attrs.insert(id, self.attrs(&d));
         }
         Ok(out)
+    }
+
+    /// The fields PRODUCT_IMAGE_FIELD reads.
+    fn images_projection(&self) -> Document {
+        let mut projection = Document::new();
+        for path in &self.image_paths {
+            projection.insert(path[0].as_str(), 1);
+        }
+        projection
+    }
+
+    /// A product document's images, each once.
+    fn images(&self, id: &ProductId, d: &Document) -> Vec<ImageKey> {
+        let mut urls = Vec::new();
+        for path in &self.image_paths {
+            if let Some(v) = d.get(&path[0]) {
+                images_at(v, &path[1..], &mut urls);
+            }
+        }
+        let mut out: Vec<ImageKey> = Vec::with_capacity(urls.len());
+        for url in urls {
+            if !out.iter().any(|k| k.url == url) {
+                out.push(ImageKey::new(id.clone(), url));
+            }
+        }
+        out
     }
 
     /// A product document's categories and price, as the filters compare them.
@@ -124,7 +135,7 @@ impl Catalog {
         let any: Vec<Document> = self
             .image_paths
             .iter()
-            .map(|p| doc! { p.join("."): { "$exists": true, "$ne": "" } })
+            .map(|p| doc! { p.join("."): { "$nin": [Bson::Null, ""] } })
             .collect();
         match any.len() {
             1 => any.into_iter().next().unwrap_or_default(),
@@ -132,9 +143,10 @@ impl Catalog {
         }
     }
 
-    /// The product whose `_id` is `id` as the frontend sends it (the hex of an ObjectId,
-    /// or a string `_id`), if it exists and matches PRODUCT_FILTER.
-    pub async fn searchable_id(&self, id: &str) -> mongodb::error::Result<Option<ProductId>> {
+    /// The images of the product whose `_id` is `id` as the frontend sends it (the hex
+    /// of an ObjectId, or a string `_id`), if it exists, matches PRODUCT_FILTER and has
+    /// a photo.
+    pub async fn searchable_images(&self, id: &str) -> mongodb::error::Result<Vec<ImageKey>> {
         let mut candidates = vec![Bson::String(id.to_string())];
         if let Ok(oid) = ObjectId::parse_str(id) {
             candidates.insert(0, Bson::ObjectId(oid));
@@ -142,9 +154,15 @@ impl Catalog {
         let found = self
             .coll
             .find_one(self.with_filter(doc! { "_id": { "$in": candidates } }))
-            .projection(doc! { "_id": 1 })
+            .projection(self.images_projection())
             .await?;
-        Ok(found.and_then(|d| d.get("_id").cloned().map(ProductId::from_bson)))
+        Ok(match found {
+            Some(d) => match d.get("_id") {
+                Some(pid) => self.images(&ProductId::from_bson(pid.clone()), &d),
+                None => Vec::new(),
+            },
+            None => Vec::new(),
+        })
     }
 
     pub async fn count_all(&self) -> mongodb::error::Result<u64> {

@@ -143,10 +143,12 @@ impl Search {
         self.fail_fast_if_database_down()?;
         let mut tm = SearchTimings::default();
         let t = Instant::now();
-        let product =
-            self.catalog.searchable_id(id).await?.ok_or_else(|| {
-                AppError::NotFound(format!("no searchable product with _id {id:?}"))
-            })?;
+        let images = self.catalog.searchable_images(id).await?;
+        let Some(product) = images.first().map(|i| i.product.clone()) else {
+            return Err(AppError::NotFound(format!(
+                "no searchable product with _id {id:?}"
+            )));
+        };
         let pass = async {
             self.indexer.pass_if_due().await;
             Ok(())
@@ -154,10 +156,10 @@ impl Search {
         let model = async { Ok::<_, AppError>(self.embedder.model().await?) };
         let (model, ()) = tokio::try_join!(model, pass)?;
         let model = model.identity().key();
-        let mut own = self.vectors.vectors_of(&model, &product).await?;
+        let mut own = self.vectors.vectors_of(&model, &images).await?;
         if own.is_empty() {
             let _ = tokio::time::timeout(self.indexer.search_wait(), self.indexer.pass_now()).await;
-            own = self.vectors.vectors_of(&model, &product).await?;
+            own = self.vectors.vectors_of(&model, &images).await?;
         }
         if own.is_empty() {
             return Err(AppError::Conflict(format!(

@@ -17,7 +17,7 @@ use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
 use crate::rank::{rank_stream, Ask, Filter, Scored, VectorCache};
-use crate::store::{Attrs, EmbeddingStore, ImageKey, ProductId, StoredMeta};
+use crate::store::{Attrs, EmbeddingStore, ImageKey, StoredMeta};
 
 /// What a search asks of the index beside its vector.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,20 +119,20 @@ impl VectorIndex {
                 Ok(guard.as_ref().map(|c| c.rank_ask(ask)).unwrap_or_default())
             }
             None => {
-                let cursor = self.store.vectors(model, None, self.batch_size).await?;
+                let cursor = self.store.vectors(None, self.batch_size).await?;
                 Ok(rank_stream(cursor, model, ask).await?)
             }
         }
     }
 
-    /// The stored usable vectors of `model` for `product`'s images, from the store
-    /// (an indexed read, in either mode): (image URL, vector).
+    /// The stored usable vectors of `model` for `images`, from the store (by `_id`, in
+    /// either mode): (image URL, vector).
     pub async fn vectors_of(
         &self,
         model: &str,
-        product: &ProductId,
+        images: &[ImageKey],
     ) -> Result<Vec<(String, Vec<f32>)>, DatabaseError> {
-        Ok(self.store.vectors_of(model, product).await?)
+        Ok(self.store.vectors_of(model, images).await?)
     }
 
     /// For an index pass: the model (from `model`) and every stored embedding's
@@ -263,7 +263,7 @@ impl VectorIndex {
         if let Some(m) = metas.as_deref_mut() {
             m.reserve(estimate);
         }
-        let cursor = self.store.vectors(model, None, self.batch_size).await?;
+        let cursor = self.store.vectors(None, self.batch_size).await?;
         let n = fresh.load_with_metas(cursor, metas).await?;
         fresh.shrink();
         crate::rank::release_freed_memory();
@@ -345,10 +345,7 @@ impl VectorIndex {
                 c.remove(id);
             }
             for chunk in changed.chunks(1000) {
-                let cursor = self
-                    .store
-                    .vectors(model, Some(chunk), self.batch_size)
-                    .await?;
+                let cursor = self.store.vectors(Some(chunk), self.batch_size).await?;
                 c.load(cursor).await?;
             }
         }

@@ -39,7 +39,8 @@ const CLOUDINARY_VARS: &[(&str, &str)] = &[
     ("CACHE_SYNC_INTERVAL_SECS", "3600"),
 ];
 
-async fn cloudinary_shop(cache: &str) -> TestApp {
+/// A fresh database and image server, and the products collection the service reads.
+async fn servers() -> (MongoServer, ImageServer, mongodb::Collection<Document>) {
     let mongo = MongoServer::start().await;
     let images = ImageServer::start().await;
     let products = mongo
@@ -47,6 +48,11 @@ async fn cloudinary_shop(cache: &str) -> TestApp {
         .await
         .database("test")
         .collection::<Document>("products");
+    (mongo, images, products)
+}
+
+async fn cloudinary_shop(cache: &str) -> TestApp {
+    let (mongo, images, products) = servers().await;
     let mut ids = HashMap::new();
     for (i, (name, hidden, main, other)) in PRODUCTS.iter().enumerate() {
         for file in [main, other] {
@@ -316,7 +322,7 @@ async fn an_upgrade_carries_the_old_layout_over_without_recomputing() {
     let docs = app.embedding_docs(doc! {}).await;
     assert!(
         docs.iter()
-            .all(|d| d.contains_key("product") && d.get_document("_id").is_ok()),
+            .all(|d| d.contains_key("product") && d.get_str("_id").is_ok()),
         "every document in the new layout"
     );
     let (_, after) = app.search_upload(q(), "top_k=5&threshold=0").await;
@@ -427,4 +433,47 @@ async fn category_and_price_filters_apply_before_the_cut() {
             .iter()
             .all(|n| n != "Espresso cup"));
     }
+}
+
+/// MAX_PRODUCTS counts products that have a photo at PRODUCT_IMAGE_FIELD (and match
+/// PRODUCT_FILTER): one without (null, empty, missing) takes no place under the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_products_counts_only_products_with_a_photo() {
+    let (mongo, images, products) = servers().await;
+    let mut ids = HashMap::new();
+    // First by _id: three without a photo, then the catalogue.
+    for photo in [mongodb::bson::Bson::Null, "".into(), "  ".into()] {
+        products
+            .insert_one(doc! { "productName": "no photo", "productImage": photo })
+            .await
+            .unwrap();
+    }
+    products
+        .insert_one(doc! { "productName": "none at all" })
+        .await
+        .unwrap();
+    for (name, file) in common::app::CATALOGUE {
+        images.put(file, photo_bytes(file));
+        let d = common::app::product_doc(name, &images.url(file));
+        let id = products.insert_one(d).await.unwrap().inserted_id;
+        ids.insert(name.to_string(), id.as_object_id().unwrap());
+    }
+    let vars = test_vars(&mongo, &[("MAX_PRODUCTS", "3")]);
+    let app = TestApp::serve(mongo, images, vars, ids).await;
+    let (code, report) = app.refresh().await;
+    assert_eq!(code, 200, "{report}");
+    // The blank one ("  ") takes a place: a string is only trimmed when it is read.
+    assert_eq!(report["total_products"], 2, "{report}");
+    assert_eq!(report["indexed_products"], 2, "{report}");
+    let (_, body) = app
+        .search_upload(jpeg(&photo("coffee.png"), 85), "top_k=10&threshold=0")
+        .await;
+    let mut got = app.names(&body);
+    got.sort();
+    let mut want: Vec<String> = common::app::CATALOGUE[..2]
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
 }

@@ -75,7 +75,7 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
     // failure's error field is gone.
     let mut cache = VectorCache::new("m".into(), 3);
     let n = cache
-        .load(store.vectors("m", None, 100).await.unwrap())
+        .load(store.vectors(None, 100).await.unwrap())
         .await
         .unwrap();
     assert_eq!(n, 4);
@@ -106,7 +106,7 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
     assert!(later >= at);
     let mut reloaded = VectorCache::new("m".into(), 3);
     reloaded
-        .load(store.vectors("m", None, 100).await.unwrap())
+        .load(store.vectors(None, 100).await.unwrap())
         .await
         .unwrap();
     assert_eq!(reloaded.rank(&[0.6, 0.8, 0.0], 1, 0.9)[0].id, c.product);
@@ -192,7 +192,7 @@ async fn the_one_per_product_layout_is_carried_over_without_recomputing() {
     assert_eq!(after.len(), 3);
     let mut cache = VectorCache::new("m".into(), 2);
     let n = cache
-        .load(store.vectors("m", None, 100).await.unwrap())
+        .load(store.vectors(None, 100).await.unwrap())
         .await
         .unwrap();
     assert_eq!(n, 2);

@@ -65,13 +65,14 @@ enum Cmd {
         #[arg(long)]
         port: u16,
     },
-    /// Uploads FILE to URL (multipart field `file`) REQUESTS times at CONCURRENCY.
+    /// Uploads FILE to URL (multipart field `file`) REQUESTS times at CONCURRENCY; without
+    /// FILE, GETs URL (similar products).
     Load {
         /// Full search URL, query string included.
         #[arg(long)]
         url: String,
         #[arg(long)]
-        file: PathBuf,
+        file: Option<PathBuf>,
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
         #[arg(long, default_value_t = 100)]
@@ -160,7 +161,10 @@ fn main() -> anyhow::Result<()> {
             max_secs,
             timeout_secs,
         } => {
-            let body = std::fs::read(&file).with_context(|| file.display().to_string())?;
+            let body = match &file {
+                Some(f) => Some(std::fs::read(f).with_context(|| f.display().to_string())?),
+                None => None,
+            };
             let out = rt()?.block_on(load(LoadSpec {
                 url,
                 image: body,
@@ -426,7 +430,8 @@ async fn serve_images(dir: PathBuf, port: u16) -> anyhow::Result<()> {
 
 struct LoadSpec {
     url: String,
-    image: Vec<u8>,
+    /// None: GET.
+    image: Option<Vec<u8>>,
     concurrency: usize,
     requests: usize,
     warmup: usize,
@@ -461,7 +466,7 @@ fn multipart_body(image: &[u8]) -> bytes::Bytes {
 }
 
 async fn load(spec: LoadSpec) -> anyhow::Result<Value> {
-    let body = multipart_body(&spec.image);
+    let body = spec.image.as_deref().map(multipart_body);
     let client = reqwest::Client::builder()
         .timeout(spec.timeout)
         .tcp_nodelay(true)
@@ -500,7 +505,10 @@ async fn load(spec: LoadSpec) -> anyhow::Result<Value> {
     Ok(summarise(&spec, samples, wall))
 }
 
-async fn request(client: &reqwest::Client, url: &str, body: bytes::Bytes) -> Sample {
+async fn request(client: &reqwest::Client, url: &str, body: Option<bytes::Bytes>) -> Sample {
+    let Some(body) = body else {
+        return send(client.get(url)).await;
+    };
     send(
         client
             .post(url)
