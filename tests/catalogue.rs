@@ -409,7 +409,7 @@ async fn category_and_price_filters_apply_before_the_cut() {
         assert_eq!(code, 200, "{body}");
         assert_eq!(names(&body), ["Espresso cup"]);
 
-        // A new price: seen after one pass, and nothing embedded for it.
+        // A new price and a new category: seen after one pass, nothing embedded for them.
         let runs = app.model_runs().await;
         app.products()
             .update_one(
@@ -418,10 +418,17 @@ async fn category_and_price_filters_apply_before_the_cut() {
             )
             .await
             .unwrap();
+        app.products()
+            .update_one(
+                doc! { "_id": app.ids["Cat figurine"] },
+                doc! { "$set": { "category": [ObjectId::parse_str(CATEGORY_B).unwrap()] } },
+            )
+            .await
+            .unwrap();
         let (code, report) = app.refresh().await;
         assert_eq!(code, 200, "{report}");
         assert_eq!(report["embedded"], 0, "{report}");
-        assert_eq!(report["retagged"], 3, "its three images: {report}");
+        assert_eq!(report["retagged"], 6, "their three images each: {report}");
         assert_eq!(app.model_runs().await, runs, "no model run");
         assert_eq!(
             found("min_price=900".into()).await,
@@ -432,6 +439,16 @@ async fn category_and_price_filters_apply_before_the_cut() {
             .await
             .iter()
             .all(|n| n != "Espresso cup"));
+        assert_eq!(
+            found(format!("category={CATEGORY_B}")).await,
+            ["Cat figurine", "Espresso cup"],
+            "cache={cache}"
+        );
+        assert_eq!(
+            found(format!("category={CATEGORY_A}")).await,
+            ["Astronaut poster"],
+            "cache={cache}"
+        );
     }
 }
 
