@@ -17,12 +17,28 @@ use crate::store::{le_floats, raw_meta, raw_vector, Attrs, ImageKey, ProductId, 
 /// within the bounds given (a product without a price is out when a bound is given).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
+    /// Sorted, each once (`new` makes it so): looked up by binary search, so a request
+    /// listing thousands costs a few comparisons a row, not thousands.
     pub categories: Vec<String>,
     pub min_price: Option<f64>,
     pub max_price: Option<f64>,
 }
 
 impl Filter {
+    pub fn new(
+        mut categories: Vec<String>,
+        min_price: Option<f64>,
+        max_price: Option<f64>,
+    ) -> Self {
+        categories.sort_unstable();
+        categories.dedup();
+        Self {
+            categories,
+            min_price,
+            max_price,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.categories.is_empty() && self.min_price.is_none() && self.max_price.is_none()
     }
@@ -37,7 +53,10 @@ impl Filter {
     }
 
     pub fn matches(&self, a: &Attrs) -> bool {
-        (self.categories.is_empty() || a.categories.iter().any(|c| self.categories.contains(c)))
+        (self.categories.is_empty()
+            || a.categories
+                .iter()
+                .any(|c| self.categories.binary_search(c).is_ok()))
             && self.price_ok(a.price)
     }
 }
@@ -370,7 +389,9 @@ struct RowFilter<'a> {
 impl RowFilter<'_> {
     fn matches(&self, a: &RowAttrs) -> bool {
         (self.filter.categories.is_empty()
-            || a.categories.iter().any(|c| self.categories.contains(c)))
+            || a.categories
+                .iter()
+                .any(|c| self.categories.binary_search(c).is_ok()))
             && self.filter.price_ok(a.price)
     }
 }
@@ -571,13 +592,14 @@ impl VectorCache {
 
     fn rank_rows(&self, ask: &Ask<'_>, rows: std::ops::Range<usize>) -> TopK {
         let mut top = TopK::for_ask(ask);
-        let filter = ask.filter.map(|filter| RowFilter {
-            filter,
-            categories: filter
+        let filter = ask.filter.map(|filter| {
+            let mut categories: Vec<u32> = filter
                 .categories
                 .iter()
                 .filter_map(|c| self.categories.get(c).copied())
-                .collect(),
+                .collect();
+            categories.sort_unstable();
+            RowFilter { filter, categories }
         });
         let vectors = &self.vectors[rows.start * self.dim..rows.end * self.dim];
         for query in ask.queries {
@@ -666,6 +688,57 @@ mod tests {
             ];
             assert_eq!(r, want, "rotation {rotation}");
         }
+    }
+
+    #[test]
+    fn filters_apply_before_the_cut() {
+        let f = Filter::new(vec!["b".into(), "a".into(), "b".into()], None, Some(10.0));
+        assert_eq!(f.categories, ["a", "b"]);
+        let attrs = |cats: &[&str], price| Attrs {
+            categories: cats.iter().map(|c| c.to_string()).collect(),
+            price,
+        };
+        assert!(f.matches(&attrs(&["z", "b"], Some(10.0))));
+        assert!(!f.matches(&attrs(&["b"], Some(10.5))), "too dear");
+        assert!(!f.matches(&attrs(&["b"], None)), "no price with a bound");
+        assert!(!f.matches(&attrs(&["c"], Some(1.0))));
+        // The best image belongs to a product outside the filter: the next one is the
+        // top 1, not an empty list.
+        let mut c = VectorCache::new("m".into(), 2);
+        c.upsert(
+            img(1),
+            &[1.0, 0.0],
+            &attrs(&["c"], Some(1.0)),
+            DateTime::MIN,
+        );
+        c.upsert(
+            img(2),
+            &[0.8, 0.6],
+            &attrs(&["a"], Some(5.0)),
+            DateTime::MIN,
+        );
+        c.upsert(
+            img(3),
+            &[0.6, 0.8],
+            &attrs(&["b"], Some(50.0)),
+            DateTime::MIN,
+        );
+        let q: &[f32] = &[1.0, 0.0];
+        let top = c.rank_ask(Ask {
+            filter: Some(&f),
+            ..Ask::one(&[q], 1, 0.0)
+        });
+        assert_eq!(
+            top.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+            [id(2)]
+        );
+        let none = Filter::new(vec!["unknown".into()], None, None);
+        assert!(c
+            .rank_ask(Ask {
+                filter: Some(&none),
+                ..Ask::one(&[q], 3, 0.0)
+            })
+            .is_empty());
     }
 
     #[test]

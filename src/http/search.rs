@@ -171,11 +171,7 @@ impl SearchParams {
             rank: RankQuery {
                 top_k,
                 threshold,
-                filter: Filter {
-                    categories,
-                    min_price,
-                    max_price,
-                },
+                filter: Filter::new(categories, min_price, max_price),
             },
         })
     }
@@ -203,8 +199,6 @@ fn categories(values: &[Value]) -> Result<Vec<String>, Value> {
             other => return Err(other.clone()),
         }
     }
-    out.sort_unstable();
-    out.dedup();
     Ok(out)
 }
 
