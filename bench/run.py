@@ -691,30 +691,35 @@ def fmt(v, digits=1):
     return str(v)
 
 
+def search_runs(result):
+    """(model, size, cache, figures) of every search service the run measured."""
+    for m in result["models"]:
+        for size, r in m["sizes"].items():
+            for cache in ("false", "true"):
+                yield m, size, cache, r["cache_" + cache]
+
+
 def tables(result):
     lines = []
     lines.append("| model | products | cache | idle RSS MB | start→healthy ms | first search ms "
                  "(model load / pass / rank) | c=1 p50 / p95 / p99 ms | c=1 req/s | c=10 p50 / p95 / p99 ms "
                  "| c=10 req/s | errors | peak RSS MB (VmHWM / sampled) | < 512 MB |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for m in result["models"]:
-        for size, r in m["sizes"].items():
-            for cache in ("false", "true"):
-                c = r["cache_" + cache]
-                c1, c10 = c["c1"], c["c10"]
-                errs = (c1["requests"] - c1["ok"]) + (c10["requests"] - c10["ok"])
-                peak = max(c["peak_rss_mb"], c["max_sampled_rss_mb"] or 0)
-                fst = c["first_search"].get("server_timing") or {}
-                fs = lambda k: (fst.get(k) or {}).get("p50")  # noqa: E731
-                lines.append(
-                    f"| {m['model']} | {int(size):,} | {cache} | {fmt(c['idle_rss_mb'])} | "
-                    f"{fmt(c['health_ms'], 0)} | {fmt(c['first_search_ms'], 0)} "
-                    f"({fmt(fs('load'), 0)} / {fmt(fs('pass'), 0)} / {fmt(fs('rank'), 0)}) | "
-                    f"{fmt(c1['p50_ms'])} / {fmt(c1['p95_ms'])} / "
-                    f"{fmt(c1['p99_ms'])} | {fmt(c1['rps'])} | {fmt(c10['p50_ms'])} / "
-                    f"{fmt(c10['p95_ms'])} / {fmt(c10['p99_ms'])} | {fmt(c10['rps'])} | {errs} | "
-                    f"{fmt(c['peak_rss_mb'], 0)} / {fmt(c['max_sampled_rss_mb'], 0)} | "
-                    f"{'yes' if peak < BUDGET_MB else 'NO'} |")
+    for m, size, cache, c in search_runs(result):
+        c1, c10 = c["c1"], c["c10"]
+        errs = (c1["requests"] - c1["ok"]) + (c10["requests"] - c10["ok"])
+        peak = max(c["peak_rss_mb"], c["max_sampled_rss_mb"] or 0)
+        fst = c["first_search"].get("server_timing") or {}
+        fs = lambda k: (fst.get(k) or {}).get("p50")  # noqa: E731
+        lines.append(
+            f"| {m['model']} | {int(size):,} | {cache} | {fmt(c['idle_rss_mb'])} | "
+            f"{fmt(c['health_ms'], 0)} | {fmt(c['first_search_ms'], 0)} "
+            f"({fmt(fs('load'), 0)} / {fmt(fs('pass'), 0)} / {fmt(fs('rank'), 0)}) | "
+            f"{fmt(c1['p50_ms'])} / {fmt(c1['p95_ms'])} / "
+            f"{fmt(c1['p99_ms'])} | {fmt(c1['rps'])} | {fmt(c10['p50_ms'])} / "
+            f"{fmt(c10['p95_ms'])} / {fmt(c10['p99_ms'])} | {fmt(c10['rps'])} | {errs} | "
+            f"{fmt(c['peak_rss_mb'], 0)} / {fmt(c['max_sampled_rss_mb'], 0)} | "
+            f"{'yes' if peak < BUDGET_MB else 'NO'} |")
     lines.append("")
     lines.append("Filters and similar products at c=1 (p50 ms; the filter: one category of 12 "
                  "and `max_price=500000`, about 1 product in 25; similar: "
@@ -723,35 +728,30 @@ def tables(result):
     lines.append("| model | products | cache | search | filtered search | filtered / search "
                  "| similar | similar / search |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
-    for m in result["models"]:
-        for size, r in m["sizes"].items():
-            for cache in ("false", "true"):
-                c = r["cache_" + cache]
-                if "c1_filtered" not in c:
-                    continue
-                base = c["c1"]["p50_ms"]
-                filt, sim = c["c1_filtered"]["p50_ms"], c["c1_similar"]["p50_ms"]
-                ratio = lambda x: fmt(x / base, 2) if x and base else "-"  # noqa: E731
-                lines.append(f"| {m['model']} | {int(size):,} | {cache} | {fmt(base)} | "
-                             f"{fmt(filt)} | {ratio(filt)} | {fmt(sim)} | {ratio(sim)} |")
+    for m, size, cache, c in search_runs(result):
+        if "c1_filtered" not in c:
+            continue
+        base = c["c1"]["p50_ms"]
+        filt, sim = c["c1_filtered"]["p50_ms"], c["c1_similar"]["p50_ms"]
+        ratio = lambda x: fmt(x / base, 2) if x and base else "-"  # noqa: E731
+        lines.append(f"| {m['model']} | {int(size):,} | {cache} | {fmt(base)} | "
+                     f"{fmt(filt)} | {ratio(filt)} | {fmt(sim)} | {ratio(sim)} |")
     lines.append("")
     lines.append("Search time split at c=1 (medians from the service's Server-Timing header, ms):")
     lines.append("")
     lines.append("| model | products | cache | total p50 | decode+preprocess | model | pass | "
                  "rank (incl. DB read) | join (DB) | other (HTTP, queueing) |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for m in result["models"]:
-        for size, r in m["sizes"].items():
-            for cache in ("false", "true"):
-                c1 = r["cache_" + cache]["c1"]
-                st = c1.get("server_timing") or {}
-                g = lambda k: (st.get(k) or {}).get("p50")  # noqa: E731
-                total = st.get("total", {}).get("p50")
-                other = c1["p50_ms"] - total if total is not None else None
-                lines.append(
-                    f"| {m['model']} | {int(size):,} | {cache} | {fmt(c1['p50_ms'])} | "
-                    f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('pass'))} | "
-                    f"{fmt(g('rank'))} | {fmt(g('join'))} | {fmt(other)} |")
+    for m, size, cache, c in search_runs(result):
+        c1 = c["c1"]
+        st = c1.get("server_timing") or {}
+        g = lambda k: (st.get(k) or {}).get("p50")  # noqa: E731
+        total = st.get("total", {}).get("p50")
+        other = c1["p50_ms"] - total if total is not None else None
+        lines.append(
+            f"| {m['model']} | {int(size):,} | {cache} | {fmt(c1['p50_ms'])} | "
+            f"{fmt(g('decode'))} | {fmt(g('model'))} | {fmt(g('pass'))} | "
+            f"{fmt(g('rank'))} | {fmt(g('join'))} | {fmt(other)} |")
     lines.append("")
     lines.append(f"Bare ONNX Runtime (Python, same file, {THREADS} threads, medians; run "
                  "between the largest catalogue's indexing and its searches), bare cursor read "

@@ -99,14 +99,12 @@ impl Catalog {
 
     /// A product document's images, each once.
     fn images(&self, id: &ProductId, d: &Document) -> Vec<ImageKey> {
-        let mut urls = Vec::new();
+        let mut values = Vec::new();
         for path in &self.image_paths {
-            if let Some(v) = d.get(&path[0]) {
-                images_at(v, &path[1..], &mut urls);
-            }
+            values_at(d, path, &mut values);
         }
-        let mut out: Vec<ImageKey> = Vec::with_capacity(urls.len());
-        for url in urls {
+        let mut out: Vec<ImageKey> = Vec::with_capacity(values.len());
+        for url in values.into_iter().filter_map(image_url) {
             if !out.iter().any(|k| k.url == url) {
                 out.push(ImageKey::new(id.clone(), url));
             }
@@ -156,13 +154,10 @@ impl Catalog {
             .find_one(self.with_filter(doc! { "_id": { "$in": candidates } }))
             .projection(self.images_projection())
             .await?;
-        Ok(match found {
-            Some(d) => match d.get("_id") {
-                Some(pid) => self.images(&ProductId::from_bson(pid.clone()), &d),
-                None => Vec::new(),
-            },
-            None => Vec::new(),
-        })
+        let product = found.as_ref().and_then(|d| Some((d.get("_id")?, d)));
+        Ok(product.map_or_else(Vec::new, |(id, d)| {
+            self.images(&ProductId::from_bson(id.clone()), d)
+        }))
     }
 
     pub async fn count_all(&self) -> mongodb::error::Result<u64> {
@@ -220,8 +215,8 @@ fn split_path(p: &str) -> Vec<String> {
     p.split('.').map(str::to_string).collect()
 }
 
-/// The values at a dotted `path` of `d`, through arrays at any level (arrays at the end
-/// give their items).
+/// The values at a dotted `path` of `d`, through arrays at any level (as MongoDB reads
+/// dotted paths; arrays at the end give their items).
 fn values_at<'a>(d: &'a Document, path: &[String], out: &mut Vec<&'a Bson>) {
     fn walk<'a>(v: &'a Bson, rest: &[String], out: &mut Vec<&'a Bson>) {
         match (v, rest.split_first()) {
@@ -267,33 +262,16 @@ fn price_number(v: &Bson) -> Option<f64> {
     f.is_finite().then_some(f)
 }
 
-/// The image URLs at `path` under `v`: strings, objects' `url` strings, through arrays
-/// at any level (as MongoDB reads dotted paths); blank strings skipped.
-fn images_at(v: &Bson, path: &[String], out: &mut Vec<String>) {
-    match (v, path.split_first()) {
-        (Bson::Array(items), _) => {
-            for item in items {
-                images_at(item, path, out);
-            }
-        }
-        (Bson::String(s), None) => {
-            let s = s.trim();
-            if !s.is_empty() {
-                out.push(s.to_string());
-            }
-        }
-        (Bson::Document(d), None) => {
-            if let Ok(url) = d.get_str("url") {
-                images_at(&Bson::String(url.to_string()), &[], out);
-            }
-        }
-        (Bson::Document(d), Some((field, rest))) => {
-            if let Some(inner) = d.get(field) {
-                images_at(inner, rest, out);
-            }
-        }
-        _ => {}
-    }
+/// An image URL as PRODUCT_IMAGE_FIELD holds one: a string, or an object's `url`
+/// string; blank ones are none.
+fn image_url(v: &Bson) -> Option<String> {
+    let s = match v {
+        Bson::String(s) => s,
+        Bson::Document(d) => d.get_str("url").ok()?,
+        _ => return None,
+    };
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
 }
 
 /// BSON -> the JSON the old service produced: ObjectIds as hex strings, dates as
@@ -355,12 +333,9 @@ mod tests {
             "avatar": null,
         };
         let found = |path: &str| {
-            let path: Vec<String> = path.split('.').map(str::to_string).collect();
-            let mut out = Vec::new();
-            if let Some(v) = d.get(&path[0]) {
-                images_at(v, &path[1..], &mut out);
-            }
-            out
+            let mut values = Vec::new();
+            values_at(&d, &split_path(path), &mut values);
+            values.into_iter().filter_map(image_url).collect::<Vec<_>>()
         };
         assert_eq!(found("productImage"), ["http://x/a.jpg"]);
         assert_eq!(found("image"), ["http://x/b.jpg"]);

@@ -156,6 +156,9 @@ impl Attrs {
 /// What we know about an image's stored embedding, without its vector.
 #[derive(Clone, Debug)]
 pub struct StoredMeta {
+    /// Written by the one-per-product layout (no `product` field): `migrate_layout`
+    /// carries it over.
+    pub legacy: bool,
     pub attrs: Attrs,
     pub model: String,
     pub ok: bool,
@@ -218,22 +221,18 @@ impl EmbeddingStore {
         }
     }
 
-    /// The indexes the counts and the product lookups use; creating them again is a
-    /// no-op.
+    /// The index the counts use; creating it again is a no-op. (Nothing is looked up by
+    /// `product`: reads go by image `_id`, so an index on it would only cost writes.)
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
-        let index = |keys: Document, name: &str| {
-            IndexModel::builder()
-                .keys(keys)
-                .options(IndexOptions::builder().name(name.to_string()).build())
-                .build()
-        };
-        self.coll
-            .create_indexes([
-                index(doc! { "model": 1, "status": 1 }, "model_status"),
-                index(doc! { "product": 1 }, "product"),
-            ])
-            .await
-            .map(|_| ())
+        let model = IndexModel::builder()
+            .keys(doc! { "model": 1, "status": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("model_status".to_string())
+                    .build(),
+            )
+            .build();
+        self.coll.create_index(model).await.map(|_| ())
     }
 
     /// Carries documents of the one-per-product layout over to the per-image one,
@@ -504,6 +503,7 @@ fn raw_product(d: &bson::RawDocument) -> Option<ProductId> {
 pub fn raw_meta(d: &bson::RawDocument) -> Option<(ImageKey, StoredMeta)> {
     let key = ImageKey::new(raw_product(d)?, d.get_str("image_url").ok()?);
     let meta = StoredMeta {
+        legacy: d.get("product").ok().flatten().is_none(),
         attrs: Attrs::from_raw(d),
         model: d.get_str("model").unwrap_or_default().to_string(),
         ok: d.get_str("status").is_ok_and(|s| s == "ok"),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
-use tokio::sync::{Mutex, OnceCell, RwLock};
+use tokio::sync::{Mutex, RwLock};
 
 use crate::config::VectorSettings;
 use crate::encoder::Encoder;
@@ -61,8 +61,6 @@ pub struct VectorIndex {
     store: EmbeddingStore,
     cache: Option<Cache>,
     batch_size: u32,
-    /// Set once the store holds no documents of the one-per-product layout.
-    migrated: OnceCell<()>,
 }
 
 /// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
@@ -83,28 +81,11 @@ impl VectorIndex {
                 interval: settings.reconcile_interval,
             }),
             batch_size: settings.vector_batch_size,
-            migrated: OnceCell::new(),
         }
     }
 
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
         self.store.ensure_indexes().await
-    }
-
-    /// Carries embeddings of the one-per-product layout over, once per process (until
-    /// it succeeds): before an index pass plans or deletes by image, since the old
-    /// documents' `_id`s are not their images'.
-    async fn migrated(&self) -> Result<(), DatabaseError> {
-        self.migrated
-            .get_or_try_init(|| async {
-                let moved = self.store.migrate_layout().await?;
-                if moved > 0 {
-                    tracing::info!(moved, "embeddings carried over to one document per image");
-                }
-                Ok::<_, DatabaseError>(())
-            })
-            .await
-            .map(|_| ())
     }
 
     /// The best `ask.k` products of `model`'s stored vectors for `ask`, best first.
@@ -138,22 +119,29 @@ impl VectorIndex {
     /// For an index pass: the model (from `model`) and every stored embedding's
     /// metadata. Streaming, the metadata is read while the model loads; with the cache,
     /// it comes from the read that loads or reconciles the cache (the collection is read
-    /// once, not twice), which needs the model first.
+    /// once, not twice), which needs the model first. When that metadata shows documents
+    /// of the one-per-product layout, they are carried over first: the pass deletes by
+    /// image `_id`, which they do not have yet. Their metadata stays as read (same
+    /// image, model, status and time).
     pub async fn metas_for_pass(
         &self,
         model: impl Future<Output = Result<Arc<Encoder>, ModelError>>,
     ) -> Result<(Arc<Encoder>, Metas), PassError> {
-        self.migrated().await?;
-        if self.cache.is_some() {
+        let (encoder, metas) = if self.cache.is_some() {
             let encoder = model.await?;
             let id = encoder.identity();
             let metas = self.cache_up_to_date(&id.key(), id.dim, true).await?;
-            Ok((encoder, metas.unwrap_or_default()))
+            (encoder, metas.unwrap_or_default())
         } else {
             let metas = async { self.store.metas().await.map_err(PassError::from) };
             let model = async { model.await.map_err(PassError::from) };
-            tokio::try_join!(model, metas)
+            tokio::try_join!(model, metas)?
+        };
+        if metas.values().any(|m| m.legacy) {
+            let moved = self.store.migrate_layout().await?;
+            tracing::info!(moved, "embeddings carried over to one document per image");
         }
+        Ok((encoder, metas))
     }
 
     /// Stores the vectors of one batch; returns their update time.

@@ -155,14 +155,13 @@ impl Pipeline<'_> {
             DateTime::now(),
         );
         drop(metas);
-        let products: HashSet<&ProductId> = images.iter().map(|i| &i.product).collect();
         let mut report = IndexReport {
-            total_products: products.len(),
+            // Products with at least one image, each with its attributes.
+            total_products: attrs.len(),
             total_images: images.len(),
             failed_waiting: plan.failed_waiting,
             ..Default::default()
         };
-        drop(products);
         let mut ready = plan.ready;
         report.timings.plan_ms = ms_since(start);
         if !plan.gone.is_empty() {
@@ -379,6 +378,7 @@ mod tests {
 
     fn meta(model: &str, ok: bool, at: i64) -> StoredMeta {
         StoredMeta {
+            legacy: false,
             attrs: Attrs::default(),
             model: model.into(),
             ok,
