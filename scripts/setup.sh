@@ -96,10 +96,16 @@ build_model() { # name  script  args...
     "$VENV/bin/python" "$ROOT/models/$script" --out "$ROOT/models/out/$name" "$@"
   fi
 }
-want_model efficientnet-lite0 &&
+# The int8 models are quantised from the fp32 ones, so wanting one builds both.
+{ want_model efficientnet-lite0 || want_model efficientnet-lite0-int8; } &&
   build_model efficientnet-lite0 build_efficientnet.py --pth "$(ls "$DATA"/efficientnet/*.pth | head -n1)"
+# Static int8 (the default model): activation ranges calibrated on scikit-image's photos.
+if want_model efficientnet-lite0-int8 && [ ! -f "$ROOT/models/out/efficientnet-lite0-int8/model.onnx" ]; then
+  log "quantizing efficientnet-lite0 to int8 (static, calibrated on $DATA/skimage)"
+  "$VENV/bin/python" "$ROOT/models/quantize.py" "$ROOT/models/out/efficientnet-lite0" \
+    "$ROOT/models/out/efficientnet-lite0-int8" --static --calibrate "$DATA/skimage"
+fi
 want_model tiny-clip && build_model tiny-clip build_clip.py --size tiny
-# The int8 model is quantised from the fp32 one, so wanting it builds both.
 { want_model clip-vit-b32 || want_model clip-vit-b32-int8; } &&
   build_model clip-vit-b32 build_clip.py --size base
 if want_model clip-vit-b32-int8 && [ ! -f "$ROOT/models/out/clip-vit-b32-int8/model.onnx" ]; then

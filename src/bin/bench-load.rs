@@ -19,6 +19,9 @@
 //!   as a plain read of the whole collection and with a model/status filter and a
 //!   projection (the floor is the faster), and a bare `_id $in` read of product documents
 //!   (what the service's join costs the database), as JSON.
+//! - `relevance`: recall@1 and @5 of shoppers' photos of catalogue photos, per model
+//!   (fp32 against its int8 copy, say), and how often each model's top 5 equals the
+//!   first model's, as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -117,6 +120,25 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         timeout_secs: f64,
     },
+    /// Recall of COUNT queries, each a re-shot of one of COUNT catalogue photos made as
+    /// `images` makes them (a milder crop and scale, a colour shift, another JPEG
+    /// quality), ranked exactly among the catalogue by each MODEL.
+    Relevance {
+        #[arg(long)]
+        src: PathBuf,
+        /// A model to measure (repeatable; the first is the reference for agreement).
+        #[arg(long = "model", required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long, default_value_t = 300)]
+        count: usize,
+        #[arg(long, default_value_t = 320)]
+        size: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Intra-op threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
     /// Times a bare cursor over the stored vectors of MODEL.
     Cursor {
         #[arg(long)]
@@ -205,6 +227,17 @@ fn main() -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
+        Cmd::Relevance {
+            src,
+            models,
+            count,
+            size,
+            seed,
+            threads,
+        } => {
+            println!("{}", relevance(&src, &models, count, size, seed, threads)?);
+            Ok(())
+        }
         Cmd::Cursor {
             uri,
             db,
@@ -270,14 +303,9 @@ impl Rng {
     }
 }
 
-fn images(
-    src: &Path,
-    out: &Path,
-    count: usize,
-    size: u32,
-    seed: u64,
-    query: Option<&Path>,
-) -> anyhow::Result<()> {
+/// The photos in `src` (sorted by name) with their paths, as RGB, very large ones first
+/// scaled down to twice `size`.
+fn load_sources(src: &Path, size: u32) -> anyhow::Result<(Vec<PathBuf>, Vec<RgbImage>)> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(src)
         .with_context(|| src.display().to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -303,6 +331,24 @@ fn images(
         })
         .collect::<anyhow::Result<_>>()?;
     anyhow::ensure!(!sources.is_empty(), "no photos in {}", src.display());
+    Ok((paths, sources))
+}
+
+/// The catalogue photo `i` of `seed`, as `images` writes it, with its JPEG quality.
+fn catalogue_photo(sources: &[RgbImage], seed: u64, i: usize, size: u32) -> (RgbImage, u8) {
+    let mut rng = Rng::new(seed.wrapping_mul(1_000_003) ^ i as u64);
+    variant(&sources[i % sources.len()], &mut rng, size)
+}
+
+fn images(
+    src: &Path,
+    out: &Path,
+    count: usize,
+    size: u32,
+    seed: u64,
+    query: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (paths, sources) = load_sources(src, size)?;
     std::fs::create_dir_all(out)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|s| {
@@ -311,8 +357,7 @@ fn images(
                 let sources = &sources;
                 s.spawn(move || -> anyhow::Result<()> {
                     for i in (t..count).step_by(threads) {
-                        let mut rng = Rng::new(seed.wrapping_mul(1_000_003) ^ i as u64);
-                        let (img, q) = variant(&sources[i % sources.len()], &mut rng, size);
+                        let (img, q) = catalogue_photo(sources, seed, i, size);
                         write_jpeg(&out.join(format!("{i:05}.jpg")), &img, q)?;
                     }
                     Ok(())
@@ -361,34 +406,152 @@ fn variant(src: &RgbImage, rng: &mut Rng, size: u32) -> (RgbImage, u8) {
         img = imageops::rotate90(&img);
     }
     // Colour: per-channel gain and offset, saturation change, sometimes greyscale.
-    let gain = [
-        rng.range(0.8, 1.2),
-        rng.range(0.8, 1.2),
-        rng.range(0.8, 1.2),
-    ];
+    let gains = colour_gains(rng, 0.2);
     let offset = rng.range(-25.0, 25.0);
     let sat = if rng.chance(0.1) {
         0.0
     } else {
         rng.range(0.6, 1.3)
     };
+    shift_colour(&mut img, gains, offset, sat);
+    let quality = 70 + rng.below(23) as u8;
+    (img, quality)
+}
+
+/// A shopper's photo of a catalogue photo: a milder crop and scale than `variant`, a
+/// small colour shift, another JPEG quality.
+fn reshoot(src: &RgbImage, rng: &mut Rng) -> (RgbImage, u8) {
+    let (w, h) = src.dimensions();
+    let cw = ((w as f32 * rng.range(0.8, 1.0)) as u32).clamp(1, w);
+    let ch = ((h as f32 * rng.range(0.8, 1.0)) as u32).clamp(1, h);
+    let (x, y) = (rng.below(w - cw + 1), rng.below(h - ch + 1));
+    let crop = imageops::crop_imm(src, x, y, cw, ch).to_image();
+    let scale = rng.range(0.7, 1.1);
+    let (nw, nh) = (
+        ((cw as f32 * scale) as u32).max(1),
+        ((ch as f32 * scale) as u32).max(1),
+    );
+    let mut img = imageops::resize(&crop, nw, nh, FilterType::Triangle);
+    let gains = colour_gains(rng, 0.1);
+    let offset = rng.range(-12.0, 12.0);
+    shift_colour(&mut img, gains, offset, 1.0);
+    (img, 60 + rng.below(31) as u8)
+}
+
+/// Three channel gains in 1 +- `spread`.
+fn colour_gains(rng: &mut Rng, spread: f32) -> [f32; 3] {
+    [0, 1, 2].map(|_| rng.range(1.0 - spread, 1.0 + spread))
+}
+
+/// Per-channel `gains` and one `offset`, then saturation `sat` (0: grey).
+fn shift_colour(img: &mut RgbImage, gains: [f32; 3], offset: f32, sat: f32) {
     for p in img.pixels_mut() {
-        let c = [0, 1, 2].map(|i| p[i] as f32 * gain[i] + offset);
+        let c = [0, 1, 2].map(|i| p[i] as f32 * gains[i] + offset);
         let grey = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
         for i in 0..3 {
             p[i] = (grey + (c[i] - grey) * sat).round().clamp(0.0, 255.0) as u8;
         }
     }
-    let quality = 70 + rng.below(23) as u8;
-    (img, quality)
+}
+
+fn jpeg_bytes(img: &RgbImage, quality: u8) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(32 * 1024);
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality).encode_image(img)?;
+    Ok(buf)
 }
 
 fn write_jpeg(path: &Path, img: &RgbImage, quality: u8) -> anyhow::Result<()> {
-    let mut buf = Vec::with_capacity(32 * 1024);
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
-        .encode_image(img)
-        .with_context(|| path.display().to_string())?;
+    let buf = jpeg_bytes(img, quality).with_context(|| path.display().to_string())?;
     std::fs::write(path, buf).with_context(|| path.display().to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Relevance
+
+fn relevance(
+    src: &Path,
+    models: &[PathBuf],
+    count: usize,
+    size: u32,
+    seed: u64,
+    threads: usize,
+) -> anyhow::Result<Value> {
+    use search_img::encoder::{Encoder, EncoderOptions};
+    anyhow::ensure!(count >= 5, "--count must be at least 5");
+    let (_, sources) = load_sources(src, size)?;
+    let (mut catalogue, mut queries) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let (img, q) = catalogue_photo(&sources, seed, i, size);
+        catalogue.push(jpeg_bytes(&img, q)?);
+        let mut rng = Rng::new((seed ^ 0x5E_0000_0000).wrapping_mul(1_000_033) ^ i as u64);
+        let (shot, q) = reshoot(&img, &mut rng);
+        queries.push(jpeg_bytes(&shot, q)?);
+    }
+    let mut rows = Vec::new();
+    let mut reference: Option<Vec<Vec<usize>>> = None;
+    for path in models {
+        let mut opts = EncoderOptions::new(path);
+        opts.session.intra_threads = threads;
+        let enc = Encoder::load(&opts).with_context(|| path.display().to_string())?;
+        let t = Instant::now();
+        let (cat, qs) = (embed_all(&enc, &catalogue)?, embed_all(&enc, &queries)?);
+        let ms_per_image = t.elapsed().as_secs_f64() * 1e3 / (2 * count) as f64;
+        let tops: Vec<Vec<usize>> = qs.iter().map(|q| top_n(q, &cat, 5)).collect();
+        let share = |f: &dyn Fn(usize, &Vec<usize>) -> bool| {
+            tops.iter().enumerate().filter(|(i, t)| f(*i, t)).count() as f64 / count as f64
+        };
+        let same_top5 = reference.as_ref().map(|r| share(&|i, t| *t == r[i]));
+        rows.push(json!({
+            "model": enc.identity().name,
+            "path": path,
+            "recall_at_1": share(&|i, t| t[0] == i),
+            "recall_at_5": share(&|i, t| t.contains(&i)),
+            "same_top5_as_first": same_top5,
+            "ms_per_image": ms_per_image,
+        }));
+        reference.get_or_insert(tops);
+    }
+    eprintln!("| model | recall@1 | recall@5 | top 5 as the first model's | ms per image |");
+    eprintln!("|---|---|---|---|---|");
+    for r in &rows {
+        let pct = |v: &Value| {
+            v.as_f64()
+                .map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
+        };
+        eprintln!(
+            "| {} | {} | {} | {} | {:.2} |",
+            r["model"].as_str().unwrap_or("?"),
+            pct(&r["recall_at_1"]),
+            pct(&r["recall_at_5"]),
+            pct(&r["same_top5_as_first"]),
+            r["ms_per_image"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    Ok(json!({ "count": count, "seed": seed, "models": rows }))
+}
+
+/// Every photo's unit vector, in batches of 8.
+fn embed_all(
+    enc: &search_img::encoder::Encoder,
+    photos: &[Vec<u8>],
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(photos.len());
+    for chunk in photos.chunks(8) {
+        let batch = chunk
+            .iter()
+            .map(|b| enc.prepare(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.extend(enc.embed_prepared(&batch)?);
+    }
+    Ok(out)
+}
+
+/// The `n` rows of `rows` most like `q` (dot product), best first; ties by index.
+fn top_n(q: &[f32], rows: &[Vec<f32>], n: usize) -> Vec<usize> {
+    let dot = |r: &Vec<f32>| r.iter().zip(q).map(|(a, b)| a * b).sum::<f32>();
+    let mut scored: Vec<(f32, usize)> = rows.iter().map(dot).zip(0..).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(n).map(|(_, i)| i).collect()
 }
 
 // ---------------------------------------------------------------------------------------
