@@ -54,7 +54,8 @@ import pymongo
 from bson import ObjectId
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target/release/search-img"
+# BENCH_BIN: another build of the service, to compare before and after a change.
+BIN = Path(os.environ.get("BENCH_BIN", ROOT / "target/release/search-img"))
 LOAD = ROOT / "target/release/bench-load"
 PY = sys.executable
 WORK = Path(os.environ.get("BENCH_WORK", ROOT / "bench/work"))

@@ -137,6 +137,10 @@ pub struct EmbedderSettings {
     /// Model runs at once (each holds its activations in memory).
     #[arg(long, value_parser = Var(at_least_one), default_value = "1")]
     pub max_concurrent_inferences: usize,
+    /// Images per model run: an index pass's batches, and searches waiting for the
+    /// model, which run together.
+    #[arg(long, value_parser = Var(at_least_one), default_value = "4")]
+    pub max_batch_size: usize,
     /// Images decoded at once (each holds its pixels in memory); 0 = one per core.
     #[arg(long, value_parser = Var(number::<usize>), default_value = "0")]
     pub decode_concurrency: usize,
@@ -300,9 +304,6 @@ pub struct CatalogSettings {
 /// Index passes: bringing the stored embeddings up to date with the catalogue.
 #[derive(Clone, Debug, Args)]
 pub struct IndexerSettings {
-    /// Images per model run when indexing.
-    #[arg(long, value_parser = Var(at_least_one), default_value = "4")]
-    pub max_batch_size: usize,
     /// Product images fetched at once while indexing.
     #[arg(long, value_parser = Var(at_least_one), default_value = "8")]
     pub index_fetch_concurrency: usize,
@@ -600,7 +601,7 @@ mod tests {
             ("test", "products")
         );
         assert!(!c.vectors.cache_products && c.embedder.lazy_load_model);
-        assert_eq!(c.indexer.max_batch_size, 4);
+        assert_eq!(c.embedder.max_batch_size, 4);
         assert_eq!(c.http.max_concurrent_requests, 10);
         assert_eq!(c.embedder.encoder.limits.max_bytes, c.fetch.max_bytes);
         assert_eq!(c.embedder.encoder.limits.max_pixels, 16_777_216);

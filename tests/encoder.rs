@@ -231,3 +231,62 @@ async fn lazy_encoder_loads_once_under_a_race_and_retries_failures() {
     let enc = broken.get().await.expect("retried after the failure");
     assert_eq!(enc.identity().name, "m");
 }
+
+/// Searches waiting for the model share its runs (MAX_BATCH_SIZE at most), each getting
+/// the vector it would get alone; a search that is alone runs by itself at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_queries_run_together_and_get_their_own_vectors() {
+    use search_img::config::Config;
+    use search_img::embedder::Embedder;
+    use std::time::Instant;
+
+    let path = model("clip-vit-b32-int8");
+    let vars = [
+        ("MODEL_PATH", path.to_str().unwrap()),
+        ("DECODE_CONCURRENCY", "8"),
+        ("MAX_BATCH_SIZE", "4"),
+    ];
+    let config = Config::from_vars(vars.map(|(k, v)| (k.to_string(), v.to_string()))).unwrap();
+    let embedder = Arc::new(Embedder::new(&config.embedder));
+    let model = embedder.model().await.unwrap();
+    let names = ["chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png"];
+    // Small JPEGs: they decode in far less time than a model run, so they queue.
+    let photos: Vec<bytes::Bytes> = (0..12)
+        .map(|i| {
+            let img = image::imageops::thumbnail(&photo(names[i % 4]), 240, 240);
+            jpeg(&img, 80 + i as u8).into()
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for p in &photos {
+        let before = model.runs();
+        alone.push(
+            embedder
+                .embed_query(p.clone(), Instant::now())
+                .await
+                .unwrap()
+                .vector,
+        );
+        assert_eq!(model.runs(), before + 1, "a lone search runs by itself");
+    }
+    let before = model.runs();
+    let together = futures::future::join_all(photos.iter().map(|p| {
+        let e = embedder.clone();
+        let p = p.clone();
+        tokio::spawn(async move { e.embed_query(p, Instant::now()).await.unwrap().vector })
+    }))
+    .await;
+    let runs = model.runs() - before;
+    eprintln!("12 concurrent searches: {runs} model runs");
+    assert!(
+        (3..12).contains(&runs),
+        "12 concurrent searches in batches of at most 4 took {runs} runs"
+    );
+    for (i, (v, a)) in together.into_iter().zip(&alone).enumerate() {
+        let v = v.unwrap();
+        let cos: f32 = v.iter().zip(a).map(|(x, y)| x * y).sum();
+        // Not bit-equal: a dynamically quantised model scales its activations by the
+        // range of the whole batch (0.9996 seen here).
+        assert!(cos > 0.999, "search {i}: cosine {cos} to its lone vector");
+    }
+}

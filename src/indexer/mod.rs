@@ -269,7 +269,7 @@ impl Indexer {
             model,
             fetcher: &self.fetcher,
             vectors: &self.vectors,
-            batch_size: self.settings.max_batch_size,
+            batch_size: self.embedder.max_batch(),
             fetch_concurrency: self.settings.index_fetch_concurrency,
             retry_failed_after: self.settings.retry_failed_after,
             progress: &*progress,
