@@ -346,8 +346,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Service:
     """`search-img serve` started as a user would, watched from outside."""
 
-    def __init__(self, name, env, mongo_uri):
+    def __init__(self, name, env, mongo_uri, prefix=()):
+        """`prefix`: a command that execs the service (bench/render_free.py's cgroups)."""
         self.name = name
+        self.prefix = list(prefix)
         self.port = free_port()
         self.dir = WORK / "svc"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -371,12 +373,13 @@ class Service:
         self.peak_mb = self.max_sampled_mb = None  # set by freeze_peaks() or stop()
         self._stop = threading.Event()
 
-    def start(self):
+    def start(self, settle=True):
+        """Returns once healthy; `settle`: then idle for 0.5 s and read the idle RSS."""
         logf = open(self.log_path, "w")
-        t0 = time.monotonic()
+        t0 = self.t_spawn = time.monotonic()
         # cwd: an empty folder, so no developer's .env leaks in.
-        self.proc = subprocess.Popen([str(BIN), "serve"], env=self.env, cwd=self.dir,
-                                     stdout=logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*self.prefix, str(BIN), "serve"], env=self.env,
+                                     cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT)
         CHILDREN.append(self.proc)
         self.pid = self.proc.pid
         threading.Thread(target=self._sample, daemon=True).start()
@@ -398,9 +401,11 @@ class Service:
                 raise RuntimeError(f"{self.name} not healthy after 30 s")
             time.sleep(0.002)
         self.health_ms = (time.monotonic() - t0) * 1e3
-        # Idle: healthy, start-up work (index creation) done, model not loaded.
-        time.sleep(0.5)
-        self.idle_rss_mb = mb(status_kb(self.pid, "VmRSS"))
+        self.idle_rss_mb = None
+        if settle:
+            # Idle: healthy, start-up work (index creation) done, model not loaded.
+            time.sleep(0.5)
+            self.idle_rss_mb = mb(status_kb(self.pid, "VmRSS"))
         self.monitor = subprocess.Popen(
             [str(BIN), "monitor", "--url", f"http://127.0.0.1:{self.port}", "--pid",
              str(self.pid), "--interval", "2"],
