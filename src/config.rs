@@ -174,7 +174,7 @@ impl EmbedderSettings {
 #[derive(Clone, Debug, Args)]
 pub struct EncoderOptions {
     /// The ONNX image-embedding model; `preprocessor_config.json` sits beside it.
-    #[arg(long, value_parser = Var(path), default_value = "models/out/efficientnet-lite0/model.onnx")]
+    #[arg(long, value_parser = Var(path), default_value = "models/out/efficientnet-lite0-int8/model.onnx")]
     pub model_path: PathBuf,
     /// Name reported for the model (default: the model's folder name).
     #[arg(id = "model_name", long = "model-name", value_parser = Var(text))]
