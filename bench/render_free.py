@@ -34,7 +34,6 @@ import os
 import sys
 import threading
 import time
-import http.client
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -148,17 +147,9 @@ class Prober:
     def _run(self):
         while not self._stop.is_set():
             t = time.monotonic()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/api/v1/health")
-                r = conn.getresponse()
-                r.read()
-                conn.close()
-                if r.status == 200:
-                    self.ms.append((time.monotonic() - t) * 1e3)
-                else:
-                    self.errors += 1
-            except OSError:
+            if bench.health_status(self.port, timeout=10) == 200:
+                self.ms.append((time.monotonic() - t) * 1e3)
+            else:
                 self.errors += 1
             self._stop.wait(0.05)
 

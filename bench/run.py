@@ -149,6 +149,19 @@ def http_json(method, port, path, timeout=60.0, body=None):
         conn.close()
 
 
+def health_status(port, timeout):
+    """GET /api/v1/health on a new connection: its status, None if it could not connect."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("GET", "/api/v1/health")
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        return r.status
+    except OSError:
+        return None
+
+
 def run_json(cmd, **kw):
     out = subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True, **kw)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -387,16 +400,8 @@ class Service:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: see {self.log_path}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", "/api/v1/health")
-                r = conn.getresponse()
-                r.read()
-                conn.close()
-                if r.status == 200:
-                    break
-            except OSError:
-                pass
+            if health_status(self.port, timeout=5) == 200:
+                break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} not healthy after 30 s")
             time.sleep(0.002)

@@ -130,14 +130,9 @@ impl Embedder {
             .acquire()
             .await
             .map_err(|e| ModelError::Inference(e.to_string()))?;
-        let model = model.clone();
-        tokio::task::spawn_blocking(move || model.embed_prepared(&tensors))
-            .await
-            .map_err(|e| ModelError::Inference(format!("the model run's task failed: {e}")))?
+        run_on_pool(model.clone(), tensors).await
     }
-}
 
-impl Embedder {
     /// One search's tensor -> its vector, in a run shared with the searches waiting
     /// beside it.
     async fn run_query(
@@ -192,14 +187,7 @@ async fn batch_queries(
         let (tensors, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|q| (q.tensor, q.reply)).unzip();
         let n = tensors.len();
-        let result = tokio::task::spawn_blocking(move || model.embed_prepared(&tensors))
-            .await
-            .unwrap_or_else(|e| {
-                Err(ModelError::Inference(format!(
-                    "the model run's task failed: {e}"
-                )))
-            });
-        match result {
+        match run_on_pool(model, tensors).await {
             Ok(vectors) if vectors.len() == n => {
                 for (reply, v) in replies.into_iter().zip(vectors) {
                     let _ = reply.send(Ok(v));
@@ -216,6 +204,16 @@ async fn batch_queries(
                 .for_each(|r| drop(r.send(Err(e.clone())))),
         }
     }
+}
+
+/// One model run on the blocking pool (the caller holds a run permit).
+async fn run_on_pool(
+    model: Arc<Encoder>,
+    tensors: Vec<Array3<f32>>,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    tokio::task::spawn_blocking(move || model.embed_prepared(&tensors))
+        .await
+        .map_err(|e| ModelError::Inference(format!("the model run's task failed: {e}")))?
 }
 
 pub fn ms_since(t: Instant) -> f64 {
