@@ -72,7 +72,7 @@ fn main() -> anyhow::Result<()> {
 async fn index() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let state = AppState::new(cfg).await?;
-    state.warm_up().await;
+    state.prepare().await;
     let progress = Arc::new(|done: usize, total: usize| {
         let width = 30;
         let filled = (done * width).checked_div(total).unwrap_or(width);

@@ -120,6 +120,13 @@ impl AppState {
     /// model when `LAZY_LOAD_MODEL=false`.
     pub async fn warm_up(&self) {
         self.0.db_watch.start();
+        self.prepare().await;
+    }
+
+    /// The embeddings index and the model, without the database watch a server needs:
+    /// `search-img index` runs one pass and prints its report, with no pings that could
+    /// log past it.
+    pub async fn prepare(&self) {
         if let Err(e) = self.0.vectors.ensure_indexes().await {
             tracing::warn!(error = %e, "could not create the embeddings index (will work without it)");
         }

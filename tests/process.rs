@@ -1205,8 +1205,13 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
     let json_start = out
         .rfind("\n{\n")
         .unwrap_or_else(|| panic!("no report:\n{out}"));
-    let report: Value = serde_json::from_str(&out[json_start..]).unwrap();
-    println!("second pass: {}", report);
+    // Log lines on stderr share the file and may follow the report: read one value.
+    let mut values = serde_json::Deserializer::from_str(&out[json_start..]).into_iter::<Value>();
+    let report = values.next().unwrap().unwrap();
+    println!(
+        "second pass: {report}\nafter it: {:?}",
+        &out[json_start + values.byte_offset()..]
+    );
     assert_eq!(report["total_products"], N);
     assert_eq!(report["indexed_products"], N);
     assert_eq!(report["failed"], 0);
