@@ -5,6 +5,7 @@
 //! MongoDB) -> rank (top-k by cosine) -> catalog (join product documents) -> http.
 
 pub mod catalog;
+pub mod compact;
 pub mod config;
 pub mod dbwatch;
 pub mod embedder;

@@ -93,17 +93,27 @@ impl VectorIndex {
         let Some(dim) = ask.queries.first().map(|q| q.len()) else {
             return Ok(Vec::new());
         };
-        match &self.cache {
+        let candidates = match &self.cache {
             Some(cache) => {
                 self.cache_up_to_date(model, dim, false).await?;
                 let guard = cache.vectors.read().await;
-                Ok(guard.as_ref().map(|c| c.rank_ask(ask)).unwrap_or_default())
+                match guard.as_ref() {
+                    Some(c) => Some(c.shortlist(ask)),
+                    None => return Ok(Vec::new()),
+                }
             }
-            None => {
-                let cursor = self.store.vectors(None, self.batch_size).await?;
-                Ok(rank_stream(cursor, model, ask).await?)
-            }
+            None => None,
+        };
+        // Streaming reads every vector; with the cache, just the candidates', which are
+        // ranked exactly: the scores are the stored vectors' cosines in both modes.
+        if candidates.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(Vec::new());
         }
+        let cursor = self
+            .store
+            .vectors(candidates.as_deref(), self.batch_size)
+            .await?;
+        Ok(rank_stream(cursor, model, ask).await?)
     }
 
     /// The stored usable vectors of `model` for `images`, from the store (by `_id`, in

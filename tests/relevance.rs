@@ -1,5 +1,6 @@
 //! Relevance of the models `make setup` builds, on shoppers' photos of catalogue photos
-//! (`bench-load relevance`): the int8 default may not rank worse than its fp32 source.
+//! (`bench-load relevance`): the int8 default may not rank worse than its fp32 source, and
+//! the compact in-memory index must pick the same top products as exact f32 ranking.
 
 mod common;
 
@@ -41,4 +42,18 @@ fn int8_efficientnet_keeps_the_recall_of_fp32() {
     );
     // Recall@5 counts the top 1 too.
     assert!(int8_5 >= int8 && fp32_5 >= fp32);
+    // The service's compact index: a quarter of the f32 bytes, the exact top products.
+    for row in rows {
+        let c = &row["compact"];
+        let model = &row["model"];
+        for k in ["same_top5", "same_top10"] {
+            let same = c[k].as_f64().unwrap();
+            assert!(same >= 0.99, "{model}: compact {k} {same}");
+        }
+        let bytes = c["vector_bytes_vs_f32"].as_f64().unwrap();
+        assert!(
+            bytes <= 0.3,
+            "{model}: compact vectors take {bytes}x their f32 bytes"
+        );
+    }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::mongo::MongoServer;
 use mongodb::bson::{doc, oid::ObjectId, Bson, DateTime, Document};
-use search_img::rank::VectorCache;
+use search_img::rank::{rank_stream, Ask, VectorCache};
 use search_img::store::{encode_vector, Attrs, EmbeddingStore, ImageKey, ProductId};
 
 fn id(n: u8) -> ProductId {
@@ -79,7 +79,15 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
         .await
         .unwrap();
     assert_eq!(n, 4);
-    let top = cache.rank(&[0.6, 0.8, 0.0], 3, -1.0);
+    // The cache picks candidates, their stored vectors are ranked exactly (as the
+    // service does).
+    let q: &[f32] = &[0.6, 0.8, 0.0];
+    let query = [q];
+    let ask = Ask::one(&query, 3, -1.0);
+    let picked = cache.shortlist(ask);
+    assert_eq!(picked.len(), 4, "every image is a candidate: {picked:?}");
+    let cursor = store.vectors(Some(&picked), 100).await.unwrap();
+    let top = rank_stream(cursor, "m", ask).await.unwrap();
     assert_eq!(top[0].id, c.product);
     assert!((top[0].score - 1.0).abs() < 1e-6);
     let a_rank = top.iter().find(|s| s.id == a.product).unwrap();
@@ -109,7 +117,8 @@ async fn a_batch_of_vectors_replaces_each_images_document_in_one_write() {
         .load(store.vectors(None, 100).await.unwrap())
         .await
         .unwrap();
-    assert_eq!(reloaded.rank(&[0.6, 0.8, 0.0], 1, 0.9)[0].id, c.product);
+    let best = reloaded.shortlist(Ask::one(&query, 1, 0.9));
+    assert_eq!(best, std::slice::from_ref(&c), "only one image reaches 0.9");
     // An empty batch writes nothing and is no error; deleting by image leaves the
     // product's other image.
     store.put_vectors(&[], "m").await.unwrap();

@@ -501,6 +501,7 @@ fn relevance(
             tops.iter().enumerate().filter(|(i, t)| f(*i, t)).count() as f64 / count as f64
         };
         let same_top5 = reference.as_ref().map(|r| share(&|i, t| *t == r[i]));
+        let compact = compact_agreement(&cat, &qs);
         rows.push(json!({
             "model": enc.identity().name,
             "path": path,
@@ -508,26 +509,82 @@ fn relevance(
             "recall_at_5": share(&|i, t| t.contains(&i)),
             "same_top5_as_first": same_top5,
             "ms_per_image": ms_per_image,
+            "compact": compact,
         }));
         reference.get_or_insert(tops);
     }
-    eprintln!("| model | recall@1 | recall@5 | top 5 as the first model's | ms per image |");
-    eprintln!("|---|---|---|---|---|");
+    eprintln!(
+        "| model | recall@1 | recall@5 | top 5 as the first model's | ms per image \
+         | compact index: top 5 / top 10 as exact f32, bytes vs f32 |"
+    );
+    eprintln!("|---|---|---|---|---|---|");
     for r in &rows {
         let pct = |v: &Value| {
             v.as_f64()
                 .map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
         };
+        let c = &r["compact"];
         eprintln!(
-            "| {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} | {} / {}, {:.3}x |",
             r["model"].as_str().unwrap_or("?"),
             pct(&r["recall_at_1"]),
             pct(&r["recall_at_5"]),
             pct(&r["same_top5_as_first"]),
             r["ms_per_image"].as_f64().unwrap_or(f64::NAN),
+            pct(&c["same_top5"]),
+            pct(&c["same_top10"]),
+            c["vector_bytes_vs_f32"].as_f64().unwrap_or(f64::NAN),
         );
     }
     Ok(json!({ "count": count, "seed": seed, "models": rows }))
+}
+
+/// How often the service's compact index (int8 rows picking candidates, their f32
+/// vectors ranked exactly) returns the same top 5 and top 10 products, scores included,
+/// as exact f32 ranking of every photo; and its vectors' bytes against f32's.
+fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
+    use search_img::rank::{dot, Ask, TopK, VectorCache};
+    use search_img::store::{Attrs, ImageKey, ProductId};
+    let dim = catalogue.first().map_or(0, Vec::len);
+    let key = |i: usize| {
+        ImageKey::new(
+            ProductId::from_bson(mongodb::bson::Bson::String(format!("p{i:06}"))),
+            format!("u{i}"),
+        )
+    };
+    let mut cache = VectorCache::new("m".into(), dim);
+    for (i, v) in catalogue.iter().enumerate() {
+        cache.upsert(key(i), v, &Attrs::default(), mongodb::bson::DateTime::MIN);
+    }
+    cache.shrink();
+    let mut same = [0usize; 2];
+    for q in queries {
+        for (slot, k) in [5, 10].into_iter().enumerate() {
+            let query = [q.as_slice()];
+            let exact = {
+                let mut top = TopK::new(k, -1.0);
+                for (i, v) in catalogue.iter().enumerate() {
+                    top.push(&key(i).product, &key(i).url, dot(q, v));
+                }
+                top.into_sorted()
+            };
+            let compact = {
+                let mut top = TopK::new(k, -1.0);
+                for image in cache.shortlist(Ask::one(&query, k, -1.0)) {
+                    let i: usize = image.url[1..].parse().expect("our own key");
+                    top.push(&image.product, &image.url, dot(q, &catalogue[i]));
+                }
+                top.into_sorted()
+            };
+            same[slot] += usize::from(compact == exact);
+        }
+    }
+    let n = queries.len().max(1) as f64;
+    json!({
+        "same_top5": same[0] as f64 / n,
+        "same_top10": same[1] as f64 / n,
+        "vector_bytes_vs_f32": cache.vector_bytes() as f64 / (catalogue.len() * dim * 4).max(1) as f64,
+    })
 }
 
 /// Every photo's unit vector, in batches of 8.
