@@ -375,7 +375,68 @@ pub struct VectorCache {
     categories: HashMap<String, u32>,
     codes: Vec<i8>,
     scales: Vec<f32>,
-    rows: HashMap<ImageKey, usize>,
+    rows: RowIndex,
+}
+
+/// Image -> row without a second copy of each image's key (its URL is most of a row's
+/// bytes beside the codes): the table holds row numbers and compares through `ids`.
+#[derive(Default)]
+struct RowIndex {
+    table: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl RowIndex {
+    fn hash(&self, id: &ImageKey) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    fn get(&self, ids: &[ImageKey], id: &ImageKey) -> Option<usize> {
+        let found = self.table.find(self.hash(id), |&r| ids[r as usize] == *id);
+        found.map(|&r| r as usize)
+    }
+
+    /// Indexes row `row`, whose key is `ids[row]`.
+    fn insert(&mut self, ids: &[ImageKey], row: usize) {
+        let hash = self.hash(&ids[row]);
+        let hasher = &self.hasher;
+        let rehash = |&r: &u32| std::hash::BuildHasher::hash_one(hasher, &ids[r as usize]);
+        self.table.insert_unique(hash, row as u32, rehash);
+    }
+
+    fn remove(&mut self, ids: &[ImageKey], id: &ImageKey) -> Option<usize> {
+        let hash = self.hash(id);
+        let entry = self
+            .table
+            .find_entry(hash, |&r| ids[r as usize] == *id)
+            .ok()?;
+        Some(entry.remove().0 as usize)
+    }
+
+    /// The key at `ids[from]` is moving to row `to`.
+    fn moved(&mut self, ids: &[ImageKey], from: usize, to: usize) {
+        let hash = self.hash(&ids[from]);
+        if let Some(r) = self.table.find_mut(hash, |&r| r as usize == from) {
+            *r = to as u32;
+        }
+    }
+
+    fn reserve(&mut self, ids: &[ImageKey], n: usize) {
+        let hasher = &self.hasher;
+        let rehash = |&r: &u32| std::hash::BuildHasher::hash_one(hasher, &ids[r as usize]);
+        self.table.reserve(n, rehash);
+    }
+
+    fn shrink(&mut self, ids: &[ImageKey]) {
+        let hasher = &self.hasher;
+        let rehash = |&r: &u32| std::hash::BuildHasher::hash_one(hasher, &ids[r as usize]);
+        self.table.shrink_to_fit(rehash);
+    }
+
+    /// A row number and a control byte a slot.
+    fn heap_bytes(&self) -> usize {
+        self.table.capacity() * (std::mem::size_of::<u32>() + 1)
+    }
 }
 
 /// How many candidates the cache picks for `ask.k` products: each costs its stored
@@ -482,7 +543,7 @@ impl VectorCache {
         self.ids.reserve_exact(n);
         self.updated.reserve_exact(n);
         self.attrs.reserve_exact(n);
-        self.rows.reserve(n);
+        self.rows.reserve(&self.ids, n);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -494,7 +555,7 @@ impl VectorCache {
     }
 
     pub fn updated_at(&self, id: &ImageKey) -> Option<DateTime> {
-        self.rows.get(id).map(|&r| self.updated[r])
+        self.rows.get(&self.ids, id).map(|r| self.updated[r])
     }
 
     pub fn ids(&self) -> impl Iterator<Item = &ImageKey> {
@@ -507,8 +568,8 @@ impl VectorCache {
             return;
         }
         let attrs = self.row_attrs(attrs);
-        match self.rows.get(&id) {
-            Some(&r) => {
+        match self.rows.get(&self.ids, &id) {
+            Some(r) => {
                 let mut codes = Vec::with_capacity(self.dim);
                 self.scales[r] = quantize_row(vector, &mut codes);
                 self.codes[r * self.dim..(r + 1) * self.dim].copy_from_slice(&codes);
@@ -516,8 +577,8 @@ impl VectorCache {
                 self.attrs[r] = attrs;
             }
             None => {
-                self.rows.insert(id.clone(), self.ids.len());
                 self.ids.push(id);
+                self.rows.insert(&self.ids, self.ids.len() - 1);
                 self.updated.push(updated);
                 self.attrs.push(attrs);
                 let scale = quantize_row(vector, &mut self.codes);
@@ -528,7 +589,7 @@ impl VectorCache {
 
     /// New filter attributes for an image already held (its vector unchanged).
     pub fn set_attrs(&mut self, id: &ImageKey, attrs: &Attrs, updated: DateTime) {
-        if let Some(&r) = self.rows.get(id) {
+        if let Some(r) = self.rows.get(&self.ids, id) {
             self.attrs[r] = self.row_attrs(attrs);
             self.updated[r] = updated;
         }
@@ -551,18 +612,18 @@ impl VectorCache {
 
     /// Removes an image, moving the last row into its place.
     pub fn remove(&mut self, id: &ImageKey) {
-        let Some(r) = self.rows.remove(id) else {
+        let Some(r) = self.rows.remove(&self.ids, id) else {
             return;
         };
         let last = self.ids.len() - 1;
         if r != last {
+            self.rows.moved(&self.ids, last, r);
             self.codes
                 .copy_within(last * self.dim..(last + 1) * self.dim, r * self.dim);
             self.scales.swap(r, last);
             self.ids.swap(r, last);
             self.updated.swap(r, last);
             self.attrs.swap(r, last);
-            self.rows.insert(self.ids[r].clone(), r);
         }
         self.ids.pop();
         self.updated.pop();
@@ -616,7 +677,7 @@ impl VectorCache {
         self.ids.shrink_to_fit();
         self.updated.shrink_to_fit();
         self.attrs.shrink_to_fit();
-        self.rows.shrink_to_fit();
+        self.rows.shrink(&self.ids);
     }
 
     /// The candidates for `ask.k` products: RESCORE_FACTOR times as many images and
@@ -741,7 +802,7 @@ impl VectorCache {
                 .iter()
                 .map(|a| a.categories.len() * 4)
                 .sum::<usize>()
-            + self.rows.capacity() * (std::mem::size_of::<(ImageKey, usize)>() + 1)
+            + self.rows.heap_bytes()
     }
 }
 
@@ -922,6 +983,26 @@ mod tests {
                 .collect();
             assert_eq!(dispatched, portable, "dim {dim}");
             assert_eq!(dispatched, single, "dim {dim}");
+        }
+    }
+
+    #[test]
+    fn rows_stay_found_through_removals() {
+        let key = |n: u32| ImageKey::new(ProductId::from_bson(format!("p{n}").into()), "u");
+        let vector = |n: u32| [1.0, n as f32];
+        let mut c = VectorCache::new("m".into(), 2);
+        for n in 0..1000 {
+            let at = DateTime::from_millis(n.into());
+            c.upsert(key(n), &vector(n), &Attrs::default(), at);
+        }
+        for n in (0..1000).step_by(3) {
+            c.remove(&key(n));
+        }
+        c.shrink();
+        assert_eq!(c.len(), 666);
+        for n in 0..1000 {
+            let want = (n % 3 != 0).then(|| DateTime::from_millis(n.into()));
+            assert_eq!(c.updated_at(&key(n)), want, "{n}");
         }
     }
 
