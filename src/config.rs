@@ -319,14 +319,30 @@ pub struct IndexerSettings {
     pub search_wait: Duration,
 }
 
+/// CACHE_PRODUCTS: where searches read the vectors from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// In memory while they fit VECTOR_CACHE_MAX_MB, streamed beyond.
+    #[default]
+    Auto,
+    /// In memory, whatever their size.
+    On,
+    /// Streamed from MongoDB for each search.
+    Off,
+}
+
 /// The stored vectors and how searches read them.
 #[derive(Clone, Debug, Args)]
 pub struct VectorSettings {
-    /// Keep product vectors in memory (true) or stream them from MongoDB per search
-    /// (false).
-    #[arg(long, value_parser = Var(flag), action = ArgAction::Set, default_value = "false")]
-    pub cache_products: bool,
-    /// With CACHE_PRODUCTS=true, how often to reconcile the cache with the stored
+    /// Keep product vectors in memory (true), stream them from MongoDB per search
+    /// (false), or keep them in memory while they fit VECTOR_CACHE_MAX_MB (auto).
+    #[arg(long, value_parser = Var(cache_mode), default_value = "auto")]
+    pub cache_products: CacheMode,
+    /// With CACHE_PRODUCTS=auto, the most the in-memory vectors (codes, ids, URLs and
+    /// filter attributes) may take; beyond it searches stream them from MongoDB.
+    #[arg(id = "vector_cache_max_mb", long = "vector-cache-max-mb", value_parser = Var(megabytes), default_value = "256")]
+    pub vector_cache_max_bytes: usize,
+    /// With the vectors in memory, how often to reconcile them with the stored
     /// vectors (what other instances stored or removed).
     #[arg(id = "cache_sync_interval_secs", long = "cache-sync-interval-secs", value_parser = Var(secs), default_value = "30")]
     pub reconcile_interval: Duration,
@@ -491,6 +507,16 @@ fn at_least_one_u32(s: &str) -> Result<u32, String> {
     u32::try_from(at_least_one(s)?).map_err(|e| e.to_string())
 }
 
+/// Megabytes (MiB, fractions allowed) as bytes, more than 0.
+fn megabytes(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<f64>() {
+        Ok(mb) if mb > 0.0 && mb.is_finite() => Ok((mb * 1024.0 * 1024.0) as usize),
+        _ => Err(format!(
+            "must be a number of megabytes more than 0, got {s:?}"
+        )),
+    }
+}
+
 fn secs(s: &str) -> Result<Duration, String> {
     number::<u64>(s).map(Duration::from_secs)
 }
@@ -555,17 +581,31 @@ fn flag(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `auto` in any case, or anything `flag` accepts.
-fn prepacking(s: &str) -> Result<Prepacking, String> {
+/// `auto` (None) in any case, or anything `flag` accepts.
+fn auto_or_flag(s: &str) -> Result<Option<bool>, String> {
     let t = s.trim();
     if t.eq_ignore_ascii_case("auto") {
-        return Ok(Prepacking::Auto);
+        return Ok(None);
     }
-    match flag(t) {
-        Ok(true) => Ok(Prepacking::On),
-        Ok(false) => Ok(Prepacking::Off),
-        Err(_) => Err(format!("expected auto, true or false, got {t:?}")),
-    }
+    flag(t)
+        .map(Some)
+        .map_err(|_| format!("expected auto, true or false, got {t:?}"))
+}
+
+fn prepacking(s: &str) -> Result<Prepacking, String> {
+    Ok(match auto_or_flag(s)? {
+        None => Prepacking::Auto,
+        Some(true) => Prepacking::On,
+        Some(false) => Prepacking::Off,
+    })
+}
+
+fn cache_mode(s: &str) -> Result<CacheMode, String> {
+    Ok(match auto_or_flag(s)? {
+        None => CacheMode::Auto,
+        Some(true) => CacheMode::On,
+        Some(false) => CacheMode::Off,
+    })
 }
 
 fn optimization(s: &str) -> Result<GraphOptimizationLevel, String> {
@@ -600,7 +640,9 @@ mod tests {
             ),
             ("test", "products")
         );
-        assert!(!c.vectors.cache_products && c.embedder.lazy_load_model);
+        assert_eq!(c.vectors.cache_products, CacheMode::Auto);
+        assert_eq!(c.vectors.vector_cache_max_bytes, 256 << 20);
+        assert!(c.embedder.lazy_load_model);
         assert_eq!(c.embedder.max_batch_size, 4);
         assert_eq!(c.http.max_concurrent_requests, 10);
         assert_eq!(c.embedder.encoder.limits.max_bytes, c.fetch.max_bytes);
@@ -617,7 +659,12 @@ mod tests {
             ("PATH", "/usr/bin"),
         ])
         .unwrap();
-        assert!(c.vectors.cache_products && !c.embedder.lazy_load_model);
+        assert_eq!(c.vectors.cache_products, CacheMode::On);
+        assert!(!c.embedder.lazy_load_model);
+        for (v, mode) in [("false", CacheMode::Off), (" Auto", CacheMode::Auto)] {
+            let c = with(&[("CACHE_PRODUCTS", v)]).unwrap();
+            assert_eq!(c.vectors.cache_products, mode, "{v}");
+        }
         assert_eq!(c.catalog.product_fields, vec!["a", "b"]);
         // Empty means unset: the default, not false.
         let c = with(&[("LAZY_LOAD_MODEL", ""), ("TOP_K", " "), ("MONGO_URI", "")]).unwrap();
@@ -627,7 +674,8 @@ mod tests {
         for (var, value, why) in [
             ("PORT", "eighty", "invalid value"),
             ("TOP_K", "0", "must be 1..50"),
-            ("CACHE_PRODUCTS", "maybe", "expected true or false"),
+            ("CACHE_PRODUCTS", "maybe", "expected auto, true or false"),
+            ("VECTOR_CACHE_MAX_MB", "0", "more than 0"),
             ("SIMILARITY_THRESHOLD", "2", "must be 0..1"),
             ("MAX_BATCH_SIZE", "0", "must be at least 1"),
             ("DECODE_TIMEOUT_SECS", "0", "more than 0"),

@@ -376,6 +376,24 @@ pub struct VectorCache {
     codes: Vec<i8>,
     scales: Vec<f32>,
     rows: RowIndex,
+    /// The heap bytes of the ids (URLs, non-ObjectId product ids), kept as rows come
+    /// and go so that `approx_bytes` never walks the rows.
+    key_bytes: usize,
+}
+
+/// The bytes of a row beside its codes and its key's heap: scale, id, update time,
+/// filter attributes (one category), row table slot.
+const ROW_FIXED_BYTES: usize =
+    4 + std::mem::size_of::<ImageKey>() + 8 + std::mem::size_of::<RowAttrs>() + 4 + 6;
+
+fn key_heap_bytes(k: &ImageKey) -> usize {
+    let product = match &k.product {
+        ProductId::Oid(_) => 0,
+        ProductId::Other(text, value) => {
+            text.capacity() + std::mem::size_of_val(&**value) + text.len()
+        }
+    };
+    k.url.capacity() + product
 }
 
 /// Image -> row without a second copy of each image's key (its URL is most of a row's
@@ -577,6 +595,7 @@ impl VectorCache {
                 self.attrs[r] = attrs;
             }
             None => {
+                self.key_bytes += key_heap_bytes(&id);
                 self.ids.push(id);
                 self.rows.insert(&self.ids, self.ids.len() - 1);
                 self.updated.push(updated);
@@ -615,6 +634,7 @@ impl VectorCache {
         let Some(r) = self.rows.remove(&self.ids, id) else {
             return;
         };
+        self.key_bytes -= key_heap_bytes(&self.ids[r]);
         let last = self.ids.len() - 1;
         if r != last {
             self.rows.moved(&self.ids, last, r);
@@ -634,18 +654,21 @@ impl VectorCache {
 
     /// Loads rows from a `vectors()` cursor.
     pub async fn load(&mut self, cursor: Cursor<RawDocumentBuf>) -> mongodb::error::Result<usize> {
-        self.load_with_metas(cursor, None).await
+        let n = self.load_with_metas(cursor, None, None).await?;
+        Ok(n.unwrap_or_default())
     }
 
     /// Loads rows from a `vectors()` cursor (only the usable vectors of the cache's model:
     /// status ok, the model's width) and, given `metas`, records every document's
     /// metadata in it, whatever its model or status: one read of the collection serves
-    /// both the cache and an index pass's plan.
+    /// both the cache and an index pass's plan. Stops, returning None, once the rows
+    /// take more than `limit` bytes (`metas` then holds what was read so far).
     pub async fn load_with_metas(
         &mut self,
         mut cursor: Cursor<RawDocumentBuf>,
         mut metas: Option<&mut HashMap<ImageKey, StoredMeta>>,
-    ) -> mongodb::error::Result<usize> {
+        limit: Option<usize>,
+    ) -> mongodb::error::Result<Option<usize>> {
         let mut n = 0;
         let mut buf = Vec::with_capacity(self.dim);
         while cursor.advance().await? {
@@ -666,8 +689,11 @@ impl VectorCache {
             let updated = d.get_datetime("updated_at").ok().unwrap_or(DateTime::MIN);
             self.upsert(v.key(), &buf, &Attrs::from_raw(d), updated);
             n += 1;
+            if limit.is_some_and(|l| self.approx_bytes() > l) {
+                return Ok(None);
+            }
         }
-        Ok(n)
+        Ok(Some(n))
     }
 
     /// Releases spare capacity after bulk loading.
@@ -789,12 +815,23 @@ impl VectorCache {
         self.codes.capacity() + self.scales.capacity() * 4
     }
 
+    /// What `heap_bytes` would say, within a few bytes a row, without walking the rows.
+    pub fn approx_bytes(&self) -> usize {
+        self.codes.len() + self.ids.len() * ROW_FIXED_BYTES + self.key_bytes
+    }
+
+    /// What a row of `dim` takes, with a URL of 100 bytes and an ObjectId product id:
+    /// for deciding whether a catalogue will fit before reading it.
+    pub fn row_bytes_estimate(dim: usize) -> usize {
+        dim + ROW_FIXED_BYTES + 100
+    }
+
     /// Bytes held by vectors, ids and index (for the memory benchmark; the URLs'
     /// text counted once).
     pub fn heap_bytes(&self) -> usize {
         self.vector_bytes()
             + self.ids.capacity() * std::mem::size_of::<ImageKey>()
-            + self.ids.iter().map(|k| k.url.capacity()).sum::<usize>()
+            + self.key_bytes
             + self.updated.capacity() * 8
             + self.attrs.capacity() * std::mem::size_of::<RowAttrs>()
             + self

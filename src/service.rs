@@ -181,6 +181,7 @@ impl AppState {
             Some(e) => Some(this.vectors.counts(&e.identity().key()).await?),
             None => None,
         };
+        let cached = this.vectors.cached().await;
         Ok(Status {
             model_loaded: encoder.is_some(),
             model: encoder.as_ref().map(|e| e.identity().clone()),
@@ -193,8 +194,11 @@ impl AppState {
             failed_products: counts.map(|c| c.failed.1),
             images_with_features: counts.map(|c| c.ok.0),
             failed_images: counts.map(|c| c.failed.0),
-            caching_enabled: this.vectors.caching(),
-            cached_vectors: this.vectors.cached().await,
+            cache_products: this.vectors.mode(),
+            caching_enabled: cached.is_some(),
+            cached_vectors: cached.map_or(0, |c| c.0),
+            cached_bytes: cached.map(|c| c.1),
+            cache_limit_bytes: this.vectors.cache_limit(),
             index_pass: this.indexer.progress(),
             uptime_secs: this.started.elapsed().as_secs(),
         })
@@ -224,8 +228,15 @@ pub struct Status {
     pub images_with_features: Option<u64>,
     /// Product images that could not be fetched or decoded (retried later).
     pub failed_images: Option<u64>,
+    /// CACHE_PRODUCTS: `auto`, `true` or `false`.
+    pub cache_products: &'static str,
+    /// Whether the vectors are in memory now (with `auto`, they may not fit).
     pub caching_enabled: bool,
     pub cached_vectors: usize,
+    /// What the vectors in memory take (codes, ids, URLs, filter attributes).
+    pub cached_bytes: Option<usize>,
+    /// VECTOR_CACHE_MAX_MB in bytes, with `CACHE_PRODUCTS=auto`.
+    pub cache_limit_bytes: Option<usize>,
     /// The index pass under way, or the last one (a refresh answered 202 goes on here).
     pub index_pass: PassProgress,
     pub uptime_secs: u64,

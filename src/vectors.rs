@@ -1,8 +1,9 @@
-//! The vector index: the stored embeddings (`store`), and with `CACHE_PRODUCTS=true` a
-//! copy of the loaded model's vectors in memory, reconciled with the store every
-//! CACHE_SYNC_INTERVAL_SECS (what other instances stored or removed). Searches `rank`
-//! through it; index passes write through it and `apply` what they wrote to the cache.
-//! Which of the two a search reads is decided here and nowhere else.
+//! The vector index: the stored embeddings (`store`), and unless `CACHE_PRODUCTS=false`
+//! a compact copy of the loaded model's vectors in memory (with `auto`, while it fits
+//! VECTOR_CACHE_MAX_MB), reconciled with the store every CACHE_SYNC_INTERVAL_SECS (what
+//! other instances stored or removed). Searches `rank` through it; index passes write
+//! through it and `apply` what they wrote to the cache. Which of the two a search reads
+//! is decided here and nowhere else.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::DateTime;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::VectorSettings;
+use crate::config::{CacheMode, VectorSettings};
 use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
@@ -58,27 +59,60 @@ pub enum Change {
 }
 
 pub struct VectorIndex {
+    mode: CacheMode,
     store: EmbeddingStore,
     cache: Option<Cache>,
     batch_size: u32,
 }
 
-/// `CACHE_PRODUCTS=true`: the vectors in memory (None until first loaded).
+/// `CACHE_PRODUCTS=true` or `auto`: the vectors in memory (None until first loaded, and
+/// while they do not fit).
 struct Cache {
     vectors: RwLock<Option<VectorCache>>,
-    /// When the cache was last loaded or reconciled; held while doing either.
-    reconciled: Mutex<Option<Instant>>,
+    /// Held while loading or reconciling.
+    clock: Mutex<Clock>,
     interval: Duration,
+    /// With `auto`, the bytes the vectors may take.
+    limit: Option<usize>,
 }
+
+impl Cache {
+    /// With `auto`, vectors that grew past the limit (new products, longer URLs) leave
+    /// memory; searches stream them until a reload finds they fit again.
+    fn drop_if_too_big(&self, vectors: &mut Option<VectorCache>) {
+        let bytes = vectors.as_ref().map_or(0, VectorCache::approx_bytes);
+        if self.limit.is_some_and(|l| bytes > l) {
+            tracing::warn!(
+                bytes,
+                "the product vectors outgrew VECTOR_CACHE_MAX_MB; searches stream them from MongoDB"
+            );
+            *vectors = None;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Clock {
+    /// When the cache was last loaded or reconciled.
+    reconciled: Option<Instant>,
+    /// When the vectors were last found not to fit: streamed until REFIT_INTERVALS
+    /// reconcile intervals have passed (a load that stops midway reads them for nothing).
+    too_big: Option<Instant>,
+}
+
+const REFIT_INTERVALS: u32 = 10;
 
 impl VectorIndex {
     pub fn new(store: EmbeddingStore, settings: &VectorSettings) -> Self {
         Self {
+            mode: settings.cache_products,
             store,
-            cache: settings.cache_products.then(|| Cache {
+            cache: (settings.cache_products != CacheMode::Off).then(|| Cache {
                 vectors: RwLock::new(None),
-                reconciled: Mutex::new(None),
+                clock: Mutex::new(Clock::default()),
                 interval: settings.reconcile_interval,
+                limit: (settings.cache_products == CacheMode::Auto)
+                    .then_some(settings.vector_cache_max_bytes),
             }),
             batch_size: settings.vector_batch_size,
         }
@@ -94,15 +128,14 @@ impl VectorIndex {
             return Ok(Vec::new());
         };
         let candidates = match &self.cache {
-            Some(cache) => {
-                self.cache_up_to_date(model, dim, false).await?;
+            Some(cache) if self.cache_up_to_date(model, dim, false).await?.0 => {
                 let guard = cache.vectors.read().await;
-                match guard.as_ref() {
-                    Some(c) => Some(c.shortlist(ask)),
-                    None => return Ok(Vec::new()),
-                }
+                guard
+                    .as_ref()
+                    .filter(|c| c.model == model)
+                    .map(|c| c.shortlist(ask))
             }
-            None => None,
+            _ => None,
         };
         // Streaming reads every vector; with the cache, just the candidates', which are
         // ranked exactly: the scores are the stored vectors' cosines in both modes.
@@ -140,7 +173,7 @@ impl VectorIndex {
         let (encoder, metas) = if self.cache.is_some() {
             let encoder = model.await?;
             let id = encoder.identity();
-            let metas = self.cache_up_to_date(&id.key(), id.dim, true).await?;
+            let (_, metas) = self.cache_up_to_date(&id.key(), id.dim, true).await?;
             (encoder, metas.unwrap_or_default())
         } else {
             let metas = async { self.store.metas().await.map_err(PassError::from) };
@@ -204,6 +237,7 @@ impl VectorIndex {
                     Change::Removed(image) => c.remove(&image),
                 }
             }
+            cache.drop_if_too_big(&mut guard);
         }
     }
 
@@ -216,16 +250,24 @@ impl VectorIndex {
         Ok(Counts { ok, failed })
     }
 
-    pub fn caching(&self) -> bool {
-        self.cache.is_some()
+    /// Whether the vectors are in memory now, how many, and the bytes they take.
+    pub async fn cached(&self) -> Option<(usize, usize)> {
+        let c = self.cache.as_ref()?.vectors.read().await;
+        c.as_ref().map(|c| (c.len(), c.heap_bytes()))
     }
 
-    /// Vectors in the cache now.
-    pub async fn cached(&self) -> usize {
-        match &self.cache {
-            Some(c) => c.vectors.read().await.as_ref().map_or(0, |c| c.len()),
-            None => 0,
+    /// CACHE_PRODUCTS as configured.
+    pub fn mode(&self) -> &'static str {
+        match self.mode {
+            CacheMode::Auto => "auto",
+            CacheMode::On => "true",
+            CacheMode::Off => "false",
         }
+    }
+
+    /// VECTOR_CACHE_MAX_MB in bytes, when it applies (`CACHE_PRODUCTS=auto`).
+    pub fn cache_limit(&self) -> Option<usize> {
+        self.cache.as_ref()?.limit
     }
 
     /// Whether the cache holds `model`'s vectors.
@@ -243,26 +285,48 @@ impl VectorIndex {
 
     /// Loads `model`'s vectors into a fresh cache, replacing the old one, from one plain
     /// scan of the collection; given `metas`, every document's metadata goes there too.
-    /// The caller holds `reconciled`.
+    /// False, with the old cache gone, when they do not fit the limit (`metas` then may
+    /// be partial). The caller holds `clock`.
     async fn load_cache(
         &self,
         model: &str,
         dim: usize,
         mut metas: Option<&mut Metas>,
-    ) -> Result<(), DatabaseError> {
+    ) -> Result<bool, DatabaseError> {
         let Some(cache) = &self.cache else {
-            return Ok(());
+            return Ok(false);
         };
+        *cache.vectors.write().await = None;
         let mut fresh = VectorCache::new(model.to_string(), dim);
         // An upper bound from metadata (a count of the model's vectors took as long as
         // reading half of them); `shrink` below returns what was not used.
         let estimate = self.store.estimated_count().await? as usize;
+        if let Some(limit) = cache.limit {
+            let need = estimate.saturating_mul(VectorCache::row_bytes_estimate(dim));
+            if need > limit {
+                tracing::info!(
+                    documents = estimate,
+                    need,
+                    limit,
+                    "product vectors would not fit VECTOR_CACHE_MAX_MB; searches stream them from MongoDB"
+                );
+                return Ok(false);
+            }
+        }
         fresh.reserve_exact(estimate);
         if let Some(m) = metas.as_deref_mut() {
             m.reserve(estimate);
         }
         let cursor = self.store.vectors(None, self.batch_size).await?;
-        let n = fresh.load_with_metas(cursor, metas).await?;
+        let Some(n) = fresh.load_with_metas(cursor, metas, cache.limit).await? else {
+            drop(fresh);
+            crate::rank::release_freed_memory();
+            tracing::info!(
+                limit = cache.limit,
+                "product vectors outgrew VECTOR_CACHE_MAX_MB while loading; searches stream them from MongoDB"
+            );
+            return Ok(false);
+        };
         fresh.shrink();
         crate::rank::release_freed_memory();
         tracing::info!(
@@ -271,42 +335,62 @@ impl VectorIndex {
             "product vectors cached in memory"
         );
         *cache.vectors.write().await = Some(fresh);
-        Ok(())
+        Ok(true)
     }
 
-    /// Loads `model`'s vectors on first use, and every CACHE_SYNC_INTERVAL_SECS
-    /// reconciles them with the store. With `want_metas` (an index pass), also returns
-    /// every stored document's metadata, taken from the same read when there is one.
+    /// Loads `model`'s vectors on first use (with `auto`, when they fit; after they did
+    /// not, again every REFIT_INTERVALS intervals), and every CACHE_SYNC_INTERVAL_SECS
+    /// reconciles them with the store. Returns whether they are in memory, and with
+    /// `want_metas` (an index pass) every stored document's metadata, taken from the
+    /// same read when there is one.
     async fn cache_up_to_date(
         &self,
         model: &str,
         dim: usize,
         want_metas: bool,
-    ) -> Result<Option<Metas>, DatabaseError> {
+    ) -> Result<(bool, Option<Metas>), DatabaseError> {
         let Some(cache) = &self.cache else {
-            return Ok(None);
+            return Ok((false, None));
         };
-        let mut reconciled = cache.reconciled.lock().await;
+        let mut clock = cache.clock.lock().await;
         if !self.cache_holds(model).await {
-            let mut metas = HashMap::new();
-            self.load_cache(model, dim, want_metas.then_some(&mut metas))
-                .await?;
-            *reconciled = Some(Instant::now());
-            return Ok(want_metas.then_some(metas));
+            let refit = cache.interval * REFIT_INTERVALS;
+            if clock.too_big.is_none_or(|t| t.elapsed() >= refit) {
+                let mut metas = HashMap::new();
+                if self
+                    .load_cache(model, dim, want_metas.then_some(&mut metas))
+                    .await?
+                {
+                    *clock = Clock {
+                        reconciled: Some(Instant::now()),
+                        too_big: None,
+                    };
+                    return Ok((true, want_metas.then_some(metas)));
+                }
+                clock.too_big = Some(Instant::now());
+            }
+            drop(clock);
+            let metas = match want_metas {
+                true => Some(self.store.metas().await?),
+                false => None,
+            };
+            return Ok((false, metas));
         }
-        let due = reconciled.is_none_or(|t| t.elapsed() >= cache.interval);
+        let due = clock
+            .reconciled
+            .is_none_or(|t| t.elapsed() >= cache.interval);
         if due {
-            *reconciled = Some(Instant::now());
+            clock.reconciled = Some(Instant::now());
         }
-        drop(reconciled);
+        drop(clock);
         if !due && !want_metas {
-            return Ok(None);
+            return Ok((true, None));
         }
         let metas = self.store.metas().await?;
         if due {
             self.reconcile(model, &metas).await?;
         }
-        Ok(want_metas.then_some(metas))
+        Ok((true, want_metas.then_some(metas)))
     }
 
     /// Reconciles the cache with the stored metadata by comparing update times, then
@@ -346,6 +430,7 @@ impl VectorIndex {
                 let cursor = self.store.vectors(Some(chunk), self.batch_size).await?;
                 c.load(cursor).await?;
             }
+            cache.drop_if_too_big(&mut guard);
         }
         tracing::debug!(
             changed = changed.len(),

@@ -533,13 +533,103 @@ async fn status_and_refresh_over_the_real_catalogue() {
 /// A second service on `app`'s database and images with `CACHE_PRODUCTS=true`,
 /// reconciling its cache with the store every `sync_interval_secs`.
 async fn cached_twin(app: &TestApp, sync_interval_secs: &str) -> search_img::service::AppState {
+    twin(
+        app,
+        &[
+            ("CACHE_PRODUCTS", "true"),
+            ("CACHE_SYNC_INTERVAL_SECS", sync_interval_secs),
+        ],
+    )
+    .await
+}
+
+/// A second service on `app`'s database and images, with these settings changed.
+async fn twin(app: &TestApp, set: &[(&str, &str)]) -> search_img::service::AppState {
     let mut vars = app.vars.clone();
-    vars.retain(|(k, _)| k != "CACHE_PRODUCTS" && k != "CACHE_SYNC_INTERVAL_SECS");
-    vars.push(("CACHE_PRODUCTS".into(), "true".into()));
-    vars.push(("CACHE_SYNC_INTERVAL_SECS".into(), sync_interval_secs.into()));
+    vars.retain(|(k, _)| set.iter().all(|(s, _)| k != s));
+    vars.extend(set.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     search_img::service::AppState::new(search_img::config::Config::from_vars(vars).unwrap())
         .await
         .unwrap()
+}
+
+/// CACHE_PRODUCTS=auto: the vectors stay in memory while they fit VECTOR_CACHE_MAX_MB,
+/// are streamed when they would not, and leave memory when the catalogue outgrows it;
+/// the results are the streamed ones throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_caches_while_the_vectors_fit_and_streams_beyond() {
+    let streamed = TestApp::start(&[("CACHE_PRODUCTS", "false")]).await;
+    let mb = |bytes: usize| format!("{:.9}", (bytes + 16) as f64 / (1024.0 * 1024.0));
+    let roomy = twin(&streamed, &[("CACHE_PRODUCTS", "auto")]).await;
+    let small = twin(
+        &streamed,
+        &[
+            ("CACHE_PRODUCTS", "auto"),
+            ("VECTOR_CACHE_MAX_MB", &mb(2000)),
+        ],
+    )
+    .await;
+    let query = bytes::Bytes::from(photo_bytes("chelsea.png"));
+    let want = search_all(&streamed.state, query.clone()).await;
+    let same = |got: &[search_img::search::SearchResult], what: &str| {
+        let ids = |r: &[search_img::search::SearchResult]| {
+            r.iter()
+                .map(|x| (x.product["_id"].clone(), x.similarity_score))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(got), ids(&want), "{what}");
+    };
+    same(&search_all(&roomy, query.clone()).await, "in memory");
+    same(&search_all(&small, query.clone()).await, "streamed");
+    let (r, s) = (roomy.status().await.unwrap(), small.status().await.unwrap());
+    assert_eq!((r.cache_products, s.cache_products), ("auto", "auto"));
+    assert!(
+        r.caching_enabled && r.cached_vectors == CATALOGUE.len(),
+        "{r:?}"
+    );
+    let bytes = r.cached_bytes.unwrap();
+    assert!(bytes < 3000 * CATALOGUE.len(), "compact: {bytes} bytes");
+    assert_eq!(r.cache_limit_bytes, Some(256 << 20));
+    assert!(!s.caching_enabled && s.cached_vectors == 0 && s.cached_bytes.is_none());
+
+    // A limit the catalogue fits now (by the estimate that decides before reading it,
+    // and once read), reconciled before every search; then the catalogue doubles.
+    let docs = streamed
+        .embeddings()
+        .estimated_document_count()
+        .await
+        .unwrap() as usize;
+    let per_row = search_img::rank::VectorCache::row_bytes_estimate(1280);
+    let limit = (docs * per_row).max(bytes) + 64;
+    let tight = twin(
+        &streamed,
+        &[
+            ("CACHE_PRODUCTS", "auto"),
+            ("VECTOR_CACHE_MAX_MB", &mb(limit)),
+            ("CACHE_SYNC_INTERVAL_SECS", "0"),
+        ],
+    )
+    .await;
+    same(&search_all(&tight, query.clone()).await, "fits");
+    assert!(tight.status().await.unwrap().caching_enabled);
+    let products = streamed.products();
+    for (i, name) in CATALOGUE.iter().enumerate() {
+        let copy = product_doc(&format!("Copy {i}"), &streamed.images.url(name.1));
+        products.insert_one(copy).await.unwrap();
+    }
+    streamed.state.indexer().pass_now().await.unwrap();
+    let want = search_all(&streamed.state, query.clone()).await;
+    assert!(want.len() > CATALOGUE.len(), "{}", want.len());
+    let got = search_all(&tight, query.clone()).await;
+    assert_eq!(got.len(), want.len());
+    for (x, y) in got.iter().zip(&want) {
+        assert_eq!(x.similarity_score, y.similarity_score);
+    }
+    let t = tight.status().await.unwrap();
+    assert!(!t.caching_enabled && t.cached_vectors == 0, "{t:?}");
+    // Searches go on streaming (the load is not retried at each one).
+    assert_eq!(search_all(&tight, query).await.len(), want.len());
+    assert!(!tight.status().await.unwrap().caching_enabled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

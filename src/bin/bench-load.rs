@@ -139,6 +139,19 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+    /// The in-memory index at catalogue sizes beyond what is indexed here: clustered
+    /// unit vectors, the old f32 scan against the compact codes plus exact rescoring
+    /// (one thread each), bytes a row, and how often their top 10 agree.
+    Scale {
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        rows: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "512,1280")]
+        dims: Vec<usize>,
+        #[arg(long, default_value_t = 50)]
+        queries: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Times a bare cursor over the stored vectors of MODEL.
     Cursor {
         #[arg(long)]
@@ -225,6 +238,15 @@ fn main() -> anyhow::Result<()> {
                 timeout: Duration::from_secs_f64(timeout_secs),
             }))?;
             println!("{out}");
+            Ok(())
+        }
+        Cmd::Scale {
+            rows,
+            dims,
+            queries,
+            seed,
+        } => {
+            println!("{}", scale(&rows, &dims, queries, seed));
             Ok(())
         }
         Cmd::Relevance {
@@ -585,6 +607,118 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
         "same_top10": same[1] as f64 / n,
         "vector_bytes_vs_f32": cache.vector_bytes() as f64 / (catalogue.len() * dim * 4).max(1) as f64,
     })
+}
+
+/// `scale`: see `Cmd::Scale`.
+fn scale(sizes: &[usize], dims: &[usize], queries: usize, seed: u64) -> Value {
+    use search_img::rank::{dot, scan, Ask, TopK, VectorCache};
+    use search_img::store::{Attrs, ImageKey, ProductId};
+    let mut rows_out = Vec::new();
+    eprintln!(
+        "| products | dim | f32 bytes a row | compact bytes a row (all) | of which codes | \
+         f32 scan ms | compact + rescore ms | ratio | top 10 as f32 |"
+    );
+    eprintln!("|---|---|---|---|---|---|---|---|---|");
+    for &dim in dims {
+        for &n in sizes {
+            let mut rng = Rng::new(seed ^ (dim as u64) << 32 ^ n as u64);
+            let mut gauss = || {
+                // Sum of uniforms: near enough to normal for clustered test vectors.
+                (0..4).map(|_| rng.range(0.0, 1.0)).sum::<f32>() - 2.0
+            };
+            let unit = |v: &mut Vec<f32>| {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            };
+            // Products in clusters of about 50 (a category of look-alikes).
+            let centres: Vec<Vec<f32>> = (0..n.div_ceil(50))
+                .map(|_| {
+                    let mut c: Vec<f32> = (0..dim).map(|_| gauss()).collect();
+                    unit(&mut c);
+                    c
+                })
+                .collect();
+            let mut flat = Vec::with_capacity(n * dim);
+            let mut cache = VectorCache::new("m".into(), dim);
+            cache.reserve_exact(n);
+            let key = |i: usize| {
+                ImageKey::new(
+                    ProductId::Oid(mongodb::bson::oid::ObjectId::from_bytes(
+                        [0, 0, 0, 0, 0, 0, 0, 0]
+                            .into_iter()
+                            .chain((i as u32).to_be_bytes())
+                            .collect::<Vec<u8>>()
+                            .try_into()
+                            .expect("12 bytes"),
+                    )),
+                    format!("https://shop.example.com/uploads/products/{i:08}-photo.jpg"),
+                )
+            };
+            for i in 0..n {
+                let c = &centres[i % centres.len()];
+                let mut v: Vec<f32> = c.iter().map(|x| x + 0.06 * gauss()).collect();
+                unit(&mut v);
+                cache.upsert(key(i), &v, &Attrs::default(), mongodb::bson::DateTime::MIN);
+                flat.extend_from_slice(&v);
+            }
+            cache.shrink();
+            // The old cache's ids, to push from as it did.
+            let keys: Vec<ImageKey> = (0..n).map(key).collect();
+            let (mut f32_ms, mut compact_ms, mut same) = (Vec::new(), Vec::new(), 0);
+            for qi in 0..queries {
+                let row = (qi * 7919) % n;
+                let mut q: Vec<f32> = flat[row * dim..(row + 1) * dim]
+                    .iter()
+                    .map(|x| x + 0.03 * gauss())
+                    .collect();
+                unit(&mut q);
+                let t = Instant::now();
+                let mut top = TopK::new(10, 0.0);
+                scan(&flat, dim, &q, |r, s| {
+                    if top.admits(s) {
+                        top.push(&keys[r].product, &keys[r].url, s);
+                    }
+                });
+                let exact = top.into_sorted();
+                f32_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                let query = [q.as_slice()];
+                let mut top = TopK::new(10, 0.0);
+                for image in cache.shortlist(Ask::one(&query, 10, 0.0)) {
+                    let name = image.url.rsplit('/').next().unwrap_or_default();
+                    let r = name[..8].parse::<usize>().expect("our own URL");
+                    top.push(
+                        &image.product,
+                        &image.url,
+                        dot(&q, &flat[r * dim..(r + 1) * dim]),
+                    );
+                }
+                let compact = top.into_sorted();
+                compact_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                same += usize::from(compact == exact);
+            }
+            let median = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let (f, c) = (median(&mut f32_ms), median(&mut compact_ms));
+            let all = cache.heap_bytes() as f64 / n as f64;
+            let codes = cache.vector_bytes() as f64 / n as f64;
+            let share = same as f64 / queries.max(1) as f64;
+            eprintln!(
+                "| {n} | {dim} | {} | {all:.0} | {codes:.0} | {f:.2} | {c:.2} | {:.2}x | {:.0}% |",
+                dim * 4,
+                c / f,
+                share * 100.0
+            );
+            rows_out.push(json!({
+                "products": n, "dim": dim, "f32_bytes_per_row": dim * 4,
+                "compact_bytes_per_row": all, "compact_vector_bytes_per_row": codes,
+                "f32_scan_ms_p50": f, "compact_ms_p50": c, "same_top10": share,
+            }));
+        }
+    }
+    json!({ "seed": seed, "queries": queries, "runs": rows_out })
 }
 
 /// Every photo's unit vector, in batches of 8.
