@@ -457,13 +457,21 @@ impl RowIndex {
     }
 }
 
-/// How many candidates the cache picks for `ask.k` products: each costs its stored
-/// vector's read (2 KB at 512-d, 5 KB at 1280-d) and exact score. On 3,000 relevance
-/// photos (`bench-load relevance --count 3000 --seed 2`) the top 5 and top 10 equalled
-/// exact ranking for 85-89% of the queries with 1x + 0, 97.6-98.3% with 2x + 8, and
-/// 99.6-100% with 4x + 16 (EfficientNet-Lite0 100%, the denser int8 ViT-B/32 99.6%).
+/// The window the cache picks candidates from for `ask.k` products; each candidate
+/// costs its stored vector's read (2 KB at 512-d, 5 KB at 1280-d) and exact score. On
+/// 3,000 relevance photos (`bench-load relevance --count 3000 --seed 2`) the top 5 and
+/// top 10 equalled exact ranking for 85-89% of the queries with all of 1x + 0, 97.6-98.3%
+/// with 2x + 8, 99.6-100% with 4x + 16, and 99.9-100% with those of 4x + 16 within
+/// RESCORE_MARGIN (6-19 images read back).
 const RESCORE_FACTOR: usize = 4;
 const RESCORE_EXTRA: usize = 16;
+
+/// The margin below the k-th product's approximate score, in code steps (the largest
+/// row scale among the candidates) times the query's norm. A score's rounding error has
+/// a standard deviation of about 0.29 of that (a uniform error of one step a
+/// coordinate), so the difference of two scores stays within 2 steps but for about one
+/// in a million pairs.
+const RESCORE_MARGIN: f32 = 2.0;
 
 /// A row that may be among the best, ordered worst first (lower score, then later row)
 /// so that a max-heap of them pops the worst: the same set whatever the thread split.
@@ -706,20 +714,50 @@ impl VectorCache {
         self.rows.shrink(&self.ids);
     }
 
-    /// The candidates for `ask.k` products: RESCORE_FACTOR times as many images and
-    /// RESCORE_EXTRA more, and more while they hold fewer than `ask.k` products (a
-    /// product with several photos may take several places), or all there are.
+    /// The candidates for `ask.k` products, whose stored vectors the caller ranks
+    /// exactly: out of a window of RESCORE_FACTOR times as many images and RESCORE_EXTRA
+    /// more, those whose approximate score is within RESCORE_MARGIN of the k-th
+    /// product's; a larger window while every image in it is (a product with several
+    /// photos may take several places), or all there are. On the free instance's 0.1
+    /// CPU every stored vector read costs: the whole window took a search from one CPU
+    /// period to two.
     pub fn shortlist(&self, ask: Ask<'_>) -> Vec<ImageKey> {
+        let q_norm = ask
+            .queries
+            .iter()
+            .map(|q| q.iter().map(|x| x * x).sum::<f32>().sqrt())
+            .fold(0f32, f32::max);
         let mut n = ask.k.saturating_mul(RESCORE_FACTOR) + RESCORE_EXTRA;
         loop {
-            let images = self.candidates(ask, n);
-            let products: std::collections::HashSet<_> =
-                images.iter().map(|i| &i.product).collect();
-            if images.len() < n || products.len() >= ask.k {
-                return images;
+            let picked = self.pick(ask, n, parallelism(self.codes.len()));
+            let keep = self.within_margin(&picked, ask.k, q_norm);
+            if keep < picked.len() || picked.len() < n {
+                return picked[..keep]
+                    .iter()
+                    .map(|c| self.ids[c.row].clone())
+                    .collect();
             }
             n = n.saturating_mul(4);
         }
+    }
+
+    /// How many of `picked` (best first) could be among the best `k` products: those
+    /// scored within the margin of the k-th product's approximate score (all of them
+    /// when they hold fewer than k products).
+    fn within_margin(&self, picked: &[Candidate], k: usize, q_norm: f32) -> usize {
+        let mut products = std::collections::HashSet::new();
+        let Some(kth) = picked
+            .iter()
+            .find(|c| products.insert(&self.ids[c.row].product) && products.len() >= k)
+        else {
+            return picked.len();
+        };
+        let step = picked
+            .iter()
+            .map(|c| self.scales[c.row])
+            .fold(0f32, f32::max);
+        let cut = kth.score - RESCORE_MARGIN * step * q_norm;
+        picked.iter().take_while(|c| c.score >= cut).count()
     }
 
     /// The images most likely to be the best for `ask`, best first by approximate score:
@@ -734,6 +772,12 @@ impl VectorCache {
     /// `candidates` on `threads` threads, each over its share of the rows; the shares'
     /// shortlists merge into the same set in any order (ties break by row).
     pub fn candidates_with(&self, ask: Ask<'_>, n: usize, threads: usize) -> Vec<ImageKey> {
+        let picked = self.pick(ask, n, threads);
+        picked.iter().map(|c| self.ids[c.row].clone()).collect()
+    }
+
+    /// `candidates_with`, as rows and approximate scores.
+    fn pick(&self, ask: Ask<'_>, n: usize, threads: usize) -> Vec<Candidate> {
         if ask.dim() != Some(self.dim) || self.dim == 0 || n == 0 {
             return Vec::new();
         }
@@ -764,11 +808,7 @@ impl VectorCache {
                 all.push(c);
             }
         }
-        all.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|c| self.ids[c.row].clone())
-            .collect()
+        all.heap.into_sorted_vec()
     }
 
     fn shortlist_rows(
@@ -1021,6 +1061,31 @@ mod tests {
             assert_eq!(dispatched, portable, "dim {dim}");
             assert_eq!(dispatched, single, "dim {dim}");
         }
+    }
+
+    #[test]
+    fn shortlist_reads_back_what_can_be_in_the_top_and_widens_when_all_can() {
+        let key = |n: u32| ImageKey::new(ProductId::from_bson(format!("p{n}").into()), "u");
+        let at = DateTime::MIN;
+        // Three clear leaders, then 97 far behind: the leaders alone.
+        let mut c = VectorCache::new("m".into(), 2);
+        for n in 0..100u32 {
+            let a = if n < 3 {
+                0.3 * n as f32
+            } else {
+                1.2 + n as f32 * 0.001
+            };
+            c.upsert(key(n), &[a.cos(), a.sin()], &Attrs::default(), at);
+        }
+        let q: &[f32] = &[1.0, 0.0];
+        let query = [q];
+        assert_eq!(c.shortlist(Ask::one(&query, 2, -1.0)), [key(0), key(1)]);
+        // 100 look-alikes: every one could be in the top 2, past the first window.
+        let mut same = VectorCache::new("m".into(), 2);
+        for n in 0..100u32 {
+            same.upsert(key(n), &[0.6, 0.8], &Attrs::default(), at);
+        }
+        assert_eq!(same.shortlist(Ask::one(&query, 2, -1.0)).len(), 100);
     }
 
     #[test]

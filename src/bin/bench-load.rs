@@ -537,7 +537,7 @@ fn relevance(
     }
     eprintln!(
         "| model | recall@1 | recall@5 | top 5 as the first model's | ms per image \
-         | compact index: top 5 / top 10 as exact f32, bytes vs f32 |"
+         | compact index: top 5 / top 10 as exact f32 (images rescored), bytes vs f32 |"
     );
     eprintln!("|---|---|---|---|---|---|");
     for r in &rows {
@@ -547,7 +547,7 @@ fn relevance(
         };
         let c = &r["compact"];
         eprintln!(
-            "| {} | {} | {} | {} | {:.2} | {} / {}, {:.3}x |",
+            "| {} | {} | {} | {} | {:.2} | {} / {} ({:.1} / {:.1} rescored), {:.3}x |",
             r["model"].as_str().unwrap_or("?"),
             pct(&r["recall_at_1"]),
             pct(&r["recall_at_5"]),
@@ -555,6 +555,8 @@ fn relevance(
             r["ms_per_image"].as_f64().unwrap_or(f64::NAN),
             pct(&c["same_top5"]),
             pct(&c["same_top10"]),
+            c["rescored_top5"].as_f64().unwrap_or(f64::NAN),
+            c["rescored_top10"].as_f64().unwrap_or(f64::NAN),
             c["vector_bytes_vs_f32"].as_f64().unwrap_or(f64::NAN),
         );
     }
@@ -579,7 +581,7 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
         cache.upsert(key(i), v, &Attrs::default(), mongodb::bson::DateTime::MIN);
     }
     cache.shrink();
-    let mut same = [0usize; 2];
+    let (mut same, mut rescored) = ([0usize; 2], [0usize; 2]);
     for q in queries {
         for (slot, k) in [5, 10].into_iter().enumerate() {
             let query = [q.as_slice()];
@@ -592,7 +594,9 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
             };
             let compact = {
                 let mut top = TopK::new(k, -1.0);
-                for image in cache.shortlist(Ask::one(&query, k, -1.0)) {
+                let picked = cache.shortlist(Ask::one(&query, k, -1.0));
+                rescored[slot] += picked.len();
+                for image in picked {
                     let i: usize = image.url[1..].parse().expect("our own key");
                     top.push(&image.product, &image.url, dot(q, &catalogue[i]));
                 }
@@ -605,6 +609,8 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
     json!({
         "same_top5": same[0] as f64 / n,
         "same_top10": same[1] as f64 / n,
+        "rescored_top5": rescored[0] as f64 / n,
+        "rescored_top10": rescored[1] as f64 / n,
         "vector_bytes_vs_f32": cache.vector_bytes() as f64 / (catalogue.len() * dim * 4).max(1) as f64,
     })
 }
