@@ -317,6 +317,10 @@ pub struct IndexerSettings {
     /// How long a search waits for that pass before ranking what is stored.
     #[arg(id = "search_sync_wait_secs", long = "search-sync-wait-secs", value_parser = Var(secs), default_value = "20")]
     pub search_wait: Duration,
+    /// Instances on one database take turns at index passes through a lease in
+    /// `<EMBEDDINGS_COLLECTION>_leases`; one that crashed loses it after this long.
+    #[arg(id = "index_lease_secs", long = "index-lease-secs", value_parser = Var(positive_secs), default_value = "30")]
+    pub lease_ttl: Duration,
 }
 
 /// CACHE_PRODUCTS: where searches read the vectors from.
@@ -515,6 +519,11 @@ fn megabytes(s: &str) -> Result<usize, String> {
             "must be a number of megabytes more than 0, got {s:?}"
         )),
     }
+}
+
+/// Whole seconds, at least 1.
+fn positive_secs(s: &str) -> Result<Duration, String> {
+    at_least_one(s).map(|n| Duration::from_secs(n as u64))
 }
 
 fn secs(s: &str) -> Result<Duration, String> {

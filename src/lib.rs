@@ -14,6 +14,7 @@ pub mod error;
 pub mod fetch;
 pub mod http;
 pub mod indexer;
+pub mod lease;
 pub mod monitor;
 pub mod rank;
 pub mod search;

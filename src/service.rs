@@ -24,6 +24,7 @@ use crate::embedder::Embedder;
 use crate::error::AppError;
 use crate::fetch::Fetcher;
 use crate::indexer::{Indexer, PassProgress};
+use crate::lease::Lease;
 use crate::search::Search;
 use crate::store::EmbeddingStore;
 use crate::vectors::VectorIndex;
@@ -85,12 +86,19 @@ impl AppState {
             EmbeddingStore::new(&db, &db_settings.embeddings_collection),
             &config.vectors,
         ));
+        let lease = Lease::new(
+            &db,
+            &format!("{}_leases", db_settings.embeddings_collection),
+            "index-pass",
+            config.indexer.lease_ttl,
+        );
         let indexer = Indexer::new(
             catalog.clone(),
             embedder.clone(),
             vectors.clone(),
             fetcher.clone(),
             config.indexer.clone(),
+            lease,
         );
         let search = Search::new(
             fetcher,

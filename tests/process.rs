@@ -1107,6 +1107,8 @@ async fn sigkill_while_indexing_leaves_only_whole_correct_embeddings_and_indexin
             ("LAZY_LOAD_MODEL", "false"),
             ("MAX_BATCH_SIZE", "4"),
             ("INDEX_FETCH_CONCURRENCY", "4"),
+            // The killed pass's lease: the restart waits until it expires.
+            ("INDEX_LEASE_SECS", "3"),
         ],
     );
     let config = search_img::config::Config::from_vars(vars.clone()).unwrap();
@@ -1511,6 +1513,92 @@ async fn concurrent_refreshes_share_one_following_pass_and_answer_in_time() {
         images.hits("hang.jpg"),
         1,
         "the hanging host was asked once"
+    );
+}
+
+/// Two instances on one database take turns at index passes (a lease in MongoDB): no
+/// product photo is fetched or embedded twice, each finds what the other embedded, and
+/// the lease of an instance killed mid-pass passes to the other after INDEX_LEASE_SECS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_embed_each_photo_once_and_a_killed_ones_lease_expires() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mongo = MongoServer::start().await;
+    let images = ImageServer::start().await;
+    seed_catalogue(&mongo, &images).await;
+    // A slow photo keeps the first instance's pass going while the second asks for one.
+    images.delay(CATALOGUE[0].1, Duration::from_secs(2));
+    let settings = [
+        ("LAZY_LOAD_MODEL", "false"),
+        ("CATALOG_SYNC_INTERVAL_SECS", "3600"),
+        ("INDEX_LEASE_SECS", "2"),
+    ];
+    let vars = vars_with(test_vars(&mongo, &[]), &settings);
+    let (mut a, b) = (Service::serve(&vars).await, Service::serve(&vars).await);
+    let http = client();
+    let first = {
+        let (http, url) = (http.clone(), a.url("/api/v1/refresh"));
+        tokio::spawn(async move { send(http.post(url)).await })
+    };
+    let t = Instant::now();
+    while images.hits(CATALOGUE[0].1) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from_b = refresh_to_end(&http, &b).await;
+    assert_eq!(from_b["indexed_products"], CATALOGUE.len(), "{from_b}");
+    first.await.unwrap().unwrap();
+    refresh_to_end(&http, &a).await;
+    for (_, file) in CATALOGUE {
+        assert_eq!(
+            images.hits(file),
+            1,
+            "{file} fetched once over both instances"
+        );
+    }
+    assert_eq!(embedding_docs(&mongo).await.len(), CATALOGUE.len());
+    for svc in [&a, &b] {
+        for (name, file) in &CATALOGUE[..3] {
+            let (code, body) = send(
+                http.post(svc.url("/api/v1/search/image?top_k=1"))
+                    .multipart(upload_form(photo_bytes(file))),
+            )
+            .await
+            .unwrap();
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(body[0]["product"]["productName"], *name, "{body}");
+        }
+    }
+
+    // The first instance dies holding the lease, in a pass stuck on a photo.
+    images.put("hang.jpg", photo_bytes("rocket.jpg"));
+    images.delay("hang.jpg", Duration::from_secs(60));
+    let products = mongo
+        .client()
+        .await
+        .database("test")
+        .collection::<Document>("products");
+    products
+        .insert_one(product_doc("Hanging", &images.url("hang.jpg")))
+        .await
+        .unwrap();
+    let stuck = {
+        let (http, url) = (http.clone(), a.url("/api/v1/refresh"));
+        tokio::spawn(async move { send(http.post(url)).await })
+    };
+    let t = Instant::now();
+    while images.hits("hang.jpg") == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", a.log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill9().await;
+    let _ = stuck.await;
+    images.clear_behaviour("hang.jpg");
+    let after = refresh_to_end(&http, &b).await;
+    assert_eq!(after["indexed_products"], CATALOGUE.len() + 1, "{after}");
+    assert!(
+        b.log().contains("another instance holds the lease"),
+        "{}",
+        b.log_tail()
     );
 }
 

@@ -20,6 +20,7 @@ use crate::config::IndexerSettings;
 use crate::embedder::Embedder;
 use crate::error::{DatabaseError, ModelError};
 use crate::fetch::Fetcher;
+use crate::lease::Lease;
 use crate::vectors::VectorIndex;
 use pipeline::Pipeline;
 
@@ -121,6 +122,8 @@ pub struct Indexer {
     vectors: Arc<VectorIndex>,
     fetcher: Fetcher,
     settings: IndexerSettings,
+    /// Held for each pass: instances on one database take turns.
+    lease: Lease,
     /// Locked briefly, never across an await.
     schedule: Arc<Mutex<Schedule>>,
 }
@@ -132,6 +135,7 @@ impl Indexer {
         vectors: Arc<VectorIndex>,
         fetcher: Fetcher,
         settings: IndexerSettings,
+        lease: Lease,
     ) -> Arc<Self> {
         Arc::new(Self {
             catalog,
@@ -139,6 +143,7 @@ impl Indexer {
             vectors,
             fetcher,
             settings,
+            lease,
             schedule: Default::default(),
         })
     }
@@ -257,7 +262,13 @@ impl Indexer {
         pass
     }
 
+    /// A pass under the lease: while another instance runs one, this one waits, and
+    /// then plans with that one's embeddings stored (none embedded twice).
     async fn pass(&self, progress: Progress) -> Result<IndexReport, PassError> {
+        self.lease.hold(self.pass_held(progress)).await?
+    }
+
+    async fn pass_held(&self, progress: Progress) -> Result<IndexReport, PassError> {
         let start = Instant::now();
         // The catalogue read needs no model: on the first pass it runs while the model
         // loads.
