@@ -86,34 +86,6 @@ fn idot(a: &[i8], b: &[i16]) -> i32 {
         .sum()
 }
 
-/// Calls `f(row, codes)` for every `dim`-wide row of `codes`, compiled for AVX2 when
-/// the CPU has it (the integer sums give the same result either way).
-pub fn scan_rows(codes: &[i8], dim: usize, f: impl FnMut(usize, &[i8])) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { scan_avx2(codes, dim, f) };
-        return;
-    }
-    scan_portable(codes, dim, f)
-}
-
-#[inline(always)]
-fn scan_portable(codes: &[i8], dim: usize, mut f: impl FnMut(usize, &[i8])) {
-    if dim == 0 {
-        return;
-    }
-    for (row, c) in codes.chunks_exact(dim).enumerate() {
-        f(row, c);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn scan_avx2(codes: &[i8], dim: usize, f: impl FnMut(usize, &[i8])) {
-    scan_portable(codes, dim, f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use mongodb::bson::DateTime;
 use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
-use crate::compact::{quantize_row, scan_rows, QueryCodes};
+use crate::compact::{quantize_row, QueryCodes};
 use crate::store::{le_floats, raw_meta, raw_vector, Attrs, ImageKey, ProductId, StoredMeta};
 
 /// The request filters: products in one of `categories` (any, when empty), priced
@@ -293,32 +293,46 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Scores every `dim`-wide row of `vectors` against `query`, in order, calling
-/// `f(row, score)`: compiled for AVX2 when the CPU has it (a 64-lane sum is eight AVX2
-/// registers; the baseline x86-64 build only has 128-bit SSE2), the same bits either way.
-pub fn scan(vectors: &[f32], dim: usize, query: &[f32], f: impl FnMut(usize, f32)) {
+/// `f(row, score)`, on the CPU path `for_each_row` picks (a 64-lane sum is eight AVX2
+/// registers), the same bits either way.
+pub fn scan(vectors: &[f32], dim: usize, query: &[f32], mut f: impl FnMut(usize, f32)) {
+    for_each_row(vectors, dim, |row, v| f(row, dot_lanes(query, v)))
+}
+
+/// `scan` on the baseline path, for the test that both paths give the same bits.
+#[cfg(test)]
+fn scan_portable(vectors: &[f32], dim: usize, query: &[f32], mut f: impl FnMut(usize, f32)) {
+    rows_portable(vectors, dim, |row, v| f(row, dot_lanes(query, v)))
+}
+
+/// Calls `f(row, values)` for every `dim`-wide row of `values`, in order, compiled for
+/// AVX2 when the CPU has it (the baseline x86-64 build only has 128-bit SSE2): `f` is
+/// inlined into the loop, so its arithmetic gets the wider registers. The f32 scan and
+/// the compact int8 one (`compact`) both go through it.
+pub fn for_each_row<T>(values: &[T], dim: usize, f: impl FnMut(usize, &[T])) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { scan_avx2(vectors, dim, query, f) };
+        unsafe { rows_avx2(values, dim, f) };
         return;
     }
-    scan_portable(vectors, dim, query, f)
+    rows_portable(values, dim, f)
 }
 
 #[inline(always)]
-fn scan_portable(vectors: &[f32], dim: usize, query: &[f32], mut f: impl FnMut(usize, f32)) {
+fn rows_portable<T>(values: &[T], dim: usize, mut f: impl FnMut(usize, &[T])) {
     if dim == 0 {
         return;
     }
-    for (row, v) in vectors.chunks_exact(dim).enumerate() {
-        f(row, dot_lanes(query, v));
+    for (row, v) in values.chunks_exact(dim).enumerate() {
+        f(row, v);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn scan_avx2(vectors: &[f32], dim: usize, query: &[f32], f: impl FnMut(usize, f32)) {
-    scan_portable(vectors, dim, query, f)
+unsafe fn rows_avx2<T>(values: &[T], dim: usize, f: impl FnMut(usize, &[T])) {
+    rows_portable(values, dim, f)
 }
 
 /// Ranks vectors streamed from a MongoDB cursor, one batch at a time (one read of the
@@ -760,23 +774,23 @@ impl VectorCache {
         picked.iter().take_while(|c| c.score >= cut).count()
     }
 
-    /// The images most likely to be the best for `ask`, best first by approximate score:
-    /// at most `n`, filtered and leaving out `ask.exclude`, none that cannot reach
-    /// `ask.threshold` (the bound of the rounding error is allowed for). Ranking their
-    /// stored vectors exactly gives the exact top products when those products' best
-    /// images are among them.
-    pub fn candidates(&self, ask: Ask<'_>, n: usize) -> Vec<ImageKey> {
+    /// `pick`'s images, on as many threads as the rows call for (for the tests).
+    #[cfg(test)]
+    fn candidates(&self, ask: Ask<'_>, n: usize) -> Vec<ImageKey> {
         self.candidates_with(ask, n, parallelism(self.codes.len()))
     }
 
-    /// `candidates` on `threads` threads, each over its share of the rows; the shares'
-    /// shortlists merge into the same set in any order (ties break by row).
-    pub fn candidates_with(&self, ask: Ask<'_>, n: usize, threads: usize) -> Vec<ImageKey> {
+    #[cfg(test)]
+    fn candidates_with(&self, ask: Ask<'_>, n: usize, threads: usize) -> Vec<ImageKey> {
         let picked = self.pick(ask, n, threads);
         picked.iter().map(|c| self.ids[c.row].clone()).collect()
     }
 
-    /// `candidates_with`, as rows and approximate scores.
+    /// The rows most likely to be the best for `ask`, best first by approximate score:
+    /// at most `n`, filtered and leaving out `ask.exclude`, none that cannot reach
+    /// `ask.threshold` (the bound of the rounding error is allowed for). On `threads`
+    /// threads, each over its share of the rows; the shares' shortlists merge into the
+    /// same set in any order (ties break by row).
     fn pick(&self, ask: Ask<'_>, n: usize, threads: usize) -> Vec<Candidate> {
         if ask.dim() != Some(self.dim) || self.dim == 0 || n == 0 {
             return Vec::new();
@@ -829,7 +843,7 @@ impl VectorCache {
             RowFilter { filter, categories }
         });
         let codes = &self.codes[rows.start * self.dim..rows.end * self.dim];
-        scan_rows(codes, self.dim, |i, row_codes| {
+        for_each_row(codes, self.dim, |i, row_codes| {
             let row = rows.start + i;
             let scale = self.scales[row];
             let (mut best, mut reaches) = (f32::NEG_INFINITY, false);

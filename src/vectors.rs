@@ -59,7 +59,6 @@ pub enum Change {
 }
 
 pub struct VectorIndex {
-    mode: CacheMode,
     store: EmbeddingStore,
     cache: Option<Cache>,
     batch_size: u32,
@@ -105,7 +104,6 @@ const REFIT_INTERVALS: u32 = 10;
 impl VectorIndex {
     pub fn new(store: EmbeddingStore, settings: &VectorSettings) -> Self {
         Self {
-            mode: settings.cache_products,
             store,
             cache: (settings.cache_products != CacheMode::Off).then(|| Cache {
                 vectors: RwLock::new(None),
@@ -258,10 +256,10 @@ impl VectorIndex {
 
     /// CACHE_PRODUCTS as configured.
     pub fn mode(&self) -> &'static str {
-        match self.mode {
-            CacheMode::Auto => "auto",
-            CacheMode::On => "true",
-            CacheMode::Off => "false",
+        match &self.cache {
+            None => "false",
+            Some(c) if c.limit.is_some() => "auto",
+            Some(_) => "true",
         }
     }
 

@@ -1535,15 +1535,8 @@ async fn two_instances_embed_each_photo_once_and_a_killed_ones_lease_expires() {
     let vars = vars_with(test_vars(&mongo, &[]), &settings);
     let (mut a, b) = (Service::serve(&vars).await, Service::serve(&vars).await);
     let http = client();
-    let first = {
-        let (http, url) = (http.clone(), a.url("/api/v1/refresh"));
-        tokio::spawn(async move { send(http.post(url)).await })
-    };
-    let t = Instant::now();
-    while images.hits(CATALOGUE[0].1) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "{}", a.log_tail());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first = spawn_refresh(&http, &a);
+    wait_for_fetch(&images, CATALOGUE[0].1, &a).await;
     let from_b = refresh_to_end(&http, &b).await;
     assert_eq!(from_b["indexed_products"], CATALOGUE.len(), "{from_b}");
     first.await.unwrap().unwrap();
@@ -1581,15 +1574,8 @@ async fn two_instances_embed_each_photo_once_and_a_killed_ones_lease_expires() {
         .insert_one(product_doc("Hanging", &images.url("hang.jpg")))
         .await
         .unwrap();
-    let stuck = {
-        let (http, url) = (http.clone(), a.url("/api/v1/refresh"));
-        tokio::spawn(async move { send(http.post(url)).await })
-    };
-    let t = Instant::now();
-    while images.hits("hang.jpg") == 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "{}", a.log_tail());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stuck = spawn_refresh(&http, &a);
+    wait_for_fetch(&images, "hang.jpg", &a).await;
     a.kill9().await;
     let _ = stuck.await;
     images.clear_behaviour("hang.jpg");
@@ -1600,6 +1586,24 @@ async fn two_instances_embed_each_photo_once_and_a_killed_ones_lease_expires() {
         "{}",
         b.log_tail()
     );
+}
+
+/// POST /api/v1/refresh to `svc` in the background.
+fn spawn_refresh(
+    http: &reqwest::Client,
+    svc: &Service,
+) -> tokio::task::JoinHandle<Result<(u16, Value), String>> {
+    let (http, url) = (http.clone(), svc.url("/api/v1/refresh"));
+    tokio::spawn(async move { send(http.post(url)).await })
+}
+
+/// Until `file` has been fetched (by `svc`'s pass, whose log a timeout shows).
+async fn wait_for_fetch(images: &ImageServer, file: &str, svc: &Service) {
+    let t = Instant::now();
+    while images.hits(file) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", svc.log_tail());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn status_of(http: &reqwest::Client, svc: &Service) -> Value {

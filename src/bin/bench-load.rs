@@ -567,7 +567,7 @@ fn relevance(
 /// vectors ranked exactly) returns the same top 5 and top 10 products, scores included,
 /// as exact f32 ranking of every photo; and its vectors' bytes against f32's.
 fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
-    use search_img::rank::{dot, Ask, TopK, VectorCache};
+    use search_img::rank::{dot, TopK, VectorCache};
     use search_img::store::{Attrs, ImageKey, ProductId};
     let dim = catalogue.first().map_or(0, Vec::len);
     let key = |i: usize| {
@@ -584,7 +584,6 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
     let (mut same, mut rescored) = ([0usize; 2], [0usize; 2]);
     for q in queries {
         for (slot, k) in [5, 10].into_iter().enumerate() {
-            let query = [q.as_slice()];
             let exact = {
                 let mut top = TopK::new(k, -1.0);
                 for (i, v) in catalogue.iter().enumerate() {
@@ -592,16 +591,10 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
                 }
                 top.into_sorted()
             };
-            let compact = {
-                let mut top = TopK::new(k, -1.0);
-                let picked = cache.shortlist(Ask::one(&query, k, -1.0));
-                rescored[slot] += picked.len();
-                for image in picked {
-                    let i: usize = image.url[1..].parse().expect("our own key");
-                    top.push(&image.product, &image.url, dot(q, &catalogue[i]));
-                }
-                top.into_sorted()
-            };
+            let (compact, n) = rescored_top(&cache, q, k, |image| {
+                &catalogue[image.url[1..].parse::<usize>().expect("our own key")]
+            });
+            rescored[slot] += n;
             same[slot] += usize::from(compact == exact);
         }
     }
@@ -615,9 +608,28 @@ fn compact_agreement(catalogue: &[Vec<f32>], queries: &[Vec<f32>]) -> Value {
     })
 }
 
+/// The compact index's top `k` for `q`, as the service ranks it: the cache's shortlist,
+/// each candidate scored exactly against its f32 vector (`vector_of`, where the
+/// service reads MongoDB); and how many candidates there were.
+fn rescored_top<'v>(
+    cache: &search_img::rank::VectorCache,
+    q: &[f32],
+    k: usize,
+    vector_of: impl Fn(&search_img::store::ImageKey) -> &'v [f32],
+) -> (Vec<search_img::rank::Scored>, usize) {
+    use search_img::rank::{dot, Ask, TopK};
+    let query = [q];
+    let picked = cache.shortlist(Ask::one(&query, k, -1.0));
+    let mut top = TopK::new(k, -1.0);
+    for image in &picked {
+        top.push(&image.product, &image.url, dot(q, vector_of(image)));
+    }
+    (top.into_sorted(), picked.len())
+}
+
 /// `scale`: see `Cmd::Scale`.
 fn scale(sizes: &[usize], dims: &[usize], queries: usize, seed: u64) -> Value {
-    use search_img::rank::{dot, scan, Ask, TopK, VectorCache};
+    use search_img::rank::{scan, TopK, VectorCache};
     use search_img::store::{Attrs, ImageKey, ProductId};
     let mut rows_out = Vec::new();
     eprintln!(
@@ -679,7 +691,7 @@ fn scale(sizes: &[usize], dims: &[usize], queries: usize, seed: u64) -> Value {
                     .collect();
                 unit(&mut q);
                 let t = Instant::now();
-                let mut top = TopK::new(10, 0.0);
+                let mut top = TopK::new(10, -1.0);
                 scan(&flat, dim, &q, |r, s| {
                     if top.admits(s) {
                         top.push(&keys[r].product, &keys[r].url, s);
@@ -688,18 +700,11 @@ fn scale(sizes: &[usize], dims: &[usize], queries: usize, seed: u64) -> Value {
                 let exact = top.into_sorted();
                 f32_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 let t = Instant::now();
-                let query = [q.as_slice()];
-                let mut top = TopK::new(10, 0.0);
-                for image in cache.shortlist(Ask::one(&query, 10, 0.0)) {
+                let (compact, _) = rescored_top(&cache, &q, 10, |image| {
                     let name = image.url.rsplit('/').next().unwrap_or_default();
                     let r = name[..8].parse::<usize>().expect("our own URL");
-                    top.push(
-                        &image.product,
-                        &image.url,
-                        dot(&q, &flat[r * dim..(r + 1) * dim]),
-                    );
-                }
-                let compact = top.into_sorted();
+                    &flat[r * dim..(r + 1) * dim]
+                });
                 compact_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 same += usize::from(compact == exact);
             }
