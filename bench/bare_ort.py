@@ -92,6 +92,7 @@ def main():
     so.add_session_config_entry("session.disable_prepacking", "0" if prepacking else "1")
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
+    so.add_session_config_entry("session.x64quantprecision", "1")  # as the service
     so.log_severity_level = 3
 
     t = time.perf_counter()

@@ -184,6 +184,7 @@ def main(argv=None):
         cfg = json.load(f)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    so.add_session_config_entry("session.x64quantprecision", "1")  # as the service
     sess = ort.InferenceSession(os.path.join(args.model, "model.onnx"), so,
                                 providers=["CPUExecutionProvider"])
 
