@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use futures::TryStreamExt;
+use mongodb::action::Find;
 use mongodb::bson::{doc, oid::ObjectId, Bson, Document};
+use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::ChangeStream;
 use mongodb::Collection;
 use serde_json::{Map, Value};
 
@@ -67,6 +70,23 @@ impl Catalog {
         } else {
             self.coll.find(self.filter.clone().unwrap_or_default())
         };
+        self.read_searchable(find).await
+    }
+
+    /// The images and attributes of those of `ids` that are searchable now (MAX_PRODUCTS
+    /// aside): what an incremental pass compares with their stored embeddings.
+    pub async fn searchable_among(&self, ids: &[ProductId]) -> mongodb::error::Result<Searchable> {
+        let bson_ids: Vec<Bson> = ids.iter().map(ProductId::to_bson).collect();
+        let find = self
+            .coll
+            .find(self.with_filter(doc! { "_id": { "$in": bson_ids } }));
+        self.read_searchable(find).await
+    }
+
+    async fn read_searchable(
+        &self,
+        find: Find<'_, Document>,
+    ) -> mongodb::error::Result<Searchable> {
         let mut projection = self.images_projection();
         for path in [&self.category_path, &self.price_path] {
             projection.insert(path[0].as_str(), 1);
@@ -158,6 +178,29 @@ impl Catalog {
         Ok(product.map_or_else(Vec::new, |(id, d)| {
             self.images(&ProductId::from_bson(id.clone()), d)
         }))
+    }
+
+    /// Whether MAX_PRODUCTS caps the catalogue: an incremental pass would not know which
+    /// products the cap keeps, so changes are then found by full passes only.
+    pub fn capped(&self) -> bool {
+        self.max_products > 0
+    }
+
+    /// The products collection's changes after `token` (or from now): only each event's
+    /// kind and document `_id` are sent, which is all an incremental pass needs (it reads
+    /// the products themselves, with the filter).
+    pub async fn watch(
+        &self,
+        token: Option<ResumeToken>,
+    ) -> mongodb::error::Result<ChangeStream<ChangeStreamEvent<Document>>> {
+        // The driver needs `_id`, `operationType` and `ns` to resume.
+        let pipeline = [doc! { "$project": { "operationType": 1, "ns": 1, "documentKey": 1 } }];
+        self.coll
+            .watch()
+            .pipeline(pipeline)
+            .resume_after(token)
+            .max_await_time(std::time::Duration::from_secs(1))
+            .await
     }
 
     pub async fn count_all(&self) -> mongodb::error::Result<u64> {

@@ -321,6 +321,16 @@ pub struct IndexerSettings {
     /// `<EMBEDDINGS_COLLECTION>_leases`; one that crashed loses it after this long.
     #[arg(id = "index_lease_secs", long = "index-lease-secs", value_parser = Var(positive_secs), default_value = "30")]
     pub lease_ttl: Duration,
+    /// Follow the products collection's change stream where the server has one (a
+    /// replica set, Atlas): each change is indexed within seconds, and full passes run
+    /// only every CATALOG_FULL_SYNC_INTERVAL_SECS. Where it has none, or with `false`,
+    /// searches start a pass every CATALOG_SYNC_INTERVAL_SECS as before.
+    #[arg(id = "catalog_change_stream", long = "catalog-change-stream", value_parser = Var(flag), action = ArgAction::Set, default_value = "true")]
+    pub change_stream: bool,
+    /// While the change stream is followed: how old the last full pass may be before a
+    /// search starts one (the safety net for anything the stream could not tell).
+    #[arg(id = "catalog_full_sync_interval_secs", long = "catalog-full-sync-interval-secs", value_parser = Var(secs), default_value = "3600")]
+    pub full_pass_interval: Duration,
 }
 
 /// CACHE_PRODUCTS: where searches read the vectors from.

@@ -23,6 +23,7 @@ use crate::dbwatch::DbWatch;
 use crate::embedder::Embedder;
 use crate::error::AppError;
 use crate::fetch::Fetcher;
+use crate::indexer::follow::{FollowStatus, Follower};
 use crate::indexer::{Indexer, PassProgress};
 use crate::lease::Lease;
 use crate::search::Search;
@@ -45,8 +46,20 @@ struct Inner {
     embedder: Arc<Embedder>,
     vectors: Arc<VectorIndex>,
     indexer: Arc<Indexer>,
+    /// The products collection's change stream (CATALOG_CHANGE_STREAM), or why not.
+    follower: Result<Arc<Follower>, &'static str>,
+    /// The follower's task, once started; it stops with the service.
+    following: std::sync::Mutex<Option<AbortOnDrop>>,
     search: Search,
     started: Instant,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What `/api/v1/health` reports.
@@ -86,12 +99,10 @@ impl AppState {
             EmbeddingStore::new(&db, &db_settings.embeddings_collection),
             &config.vectors,
         ));
-        let lease = Lease::new(
-            &db,
-            &format!("{}_leases", db_settings.embeddings_collection),
-            "index-pass",
-            config.indexer.lease_ttl,
-        );
+        // Shared by the instances on the database: the index-pass lease and the change
+        // stream's resume point.
+        let shared = format!("{}_leases", db_settings.embeddings_collection);
+        let lease = Lease::new(&db, &shared, "index-pass", config.indexer.lease_ttl);
         let indexer = Indexer::new(
             catalog.clone(),
             embedder.clone(),
@@ -100,6 +111,17 @@ impl AppState {
             config.indexer.clone(),
             lease,
         );
+        let follower = match (config.indexer.change_stream, catalog.capped()) {
+            (false, _) => Err("CATALOG_CHANGE_STREAM=false"),
+            (true, true) => Err("MAX_PRODUCTS is set: changes are found by full passes"),
+            (true, false) => Ok(Follower::new(
+                catalog.clone(),
+                indexer.clone(),
+                &db,
+                &shared,
+                &db_settings.mongo_collection,
+            )),
+        };
         let search = Search::new(
             fetcher,
             embedder.clone(),
@@ -119,6 +141,8 @@ impl AppState {
             embedder,
             vectors,
             indexer,
+            follower,
+            following: Default::default(),
             search,
             started: Instant::now(),
         })))
@@ -128,6 +152,11 @@ impl AppState {
     /// model when `LAZY_LOAD_MODEL=false`.
     pub async fn warm_up(&self) {
         self.0.db_watch.start();
+        if let Ok(f) = &self.0.follower {
+            let task = tokio::spawn(f.clone().run());
+            let mut slot = self.0.following.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(AbortOnDrop(task));
+        }
         self.prepare().await;
     }
 
@@ -208,6 +237,10 @@ impl AppState {
             cached_bytes: cached.map(|c| c.1),
             cache_limit_bytes: this.vectors.cache_limit(),
             index_pass: this.indexer.progress(),
+            catalog_changes: match &this.follower {
+                Ok(f) => f.status(),
+                Err(why) => Follower::status_off(why),
+            },
             uptime_secs: this.started.elapsed().as_secs(),
         })
     }
@@ -247,5 +280,7 @@ pub struct Status {
     pub cache_limit_bytes: Option<usize>,
     /// The index pass under way, or the last one (a refresh answered 202 goes on here).
     pub index_pass: PassProgress,
+    /// Whether catalogue changes come from the products collection's change stream.
+    pub catalog_changes: FollowStatus,
     pub uptime_secs: u64,
 }

@@ -221,18 +221,20 @@ impl EmbeddingStore {
         }
     }
 
-    /// The index the counts use; creating it again is a no-op. (Nothing is looked up by
-    /// `product`: reads go by image `_id`, so an index on it would only cost writes.)
+    /// The indexes the counts and incremental passes (a few products' embeddings) use;
+    /// creating them again is a no-op.
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
-        let model = IndexModel::builder()
-            .keys(doc! { "model": 1, "status": 1 })
-            .options(
-                IndexOptions::builder()
-                    .name("model_status".to_string())
-                    .build(),
-            )
-            .build();
-        self.coll.create_index(model).await.map(|_| ())
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_string()).build())
+                .build()
+        };
+        let indexes = [
+            index(doc! { "model": 1, "status": 1 }, "model_status"),
+            index(doc! { "product": 1 }, "product"),
+        ];
+        self.coll.create_indexes(indexes).await.map(|_| ())
     }
 
     /// Carries documents of the one-per-product layout over to the per-image one,
@@ -277,9 +279,28 @@ impl EmbeddingStore {
     /// documents. (With `CACHE_PRODUCTS=true` the service reads the metadata from the
     /// same scan that loads its cache instead: `VectorCache::load_with_metas`.)
     pub async fn metas(&self) -> mongodb::error::Result<HashMap<ImageKey, StoredMeta>> {
+        self.metas_where(doc! {}).await
+    }
+
+    /// The metadata of `products`' embeddings (in the one-per-product layout too).
+    pub async fn metas_of(
+        &self,
+        products: &[ProductId],
+    ) -> mongodb::error::Result<HashMap<ImageKey, StoredMeta>> {
+        let ids: Vec<Bson> = products.iter().map(ProductId::to_bson).collect();
+        self.metas_where(
+            doc! { "$or": [{ "product": { "$in": &ids } }, { "_id": { "$in": &ids } }] },
+        )
+        .await
+    }
+
+    async fn metas_where(
+        &self,
+        filter: Document,
+    ) -> mongodb::error::Result<HashMap<ImageKey, StoredMeta>> {
         let mut cursor = self
             .raw
-            .find(doc! {})
+            .find(filter)
             .projection(doc! {
                 "product": 1, "image_url": 1, "model": 1, "status": 1, "updated_at": 1,
                 "category": 1, "price": 1,

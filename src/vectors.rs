@@ -18,7 +18,7 @@ use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
 use crate::rank::{rank_stream, Ask, Filter, Scored, VectorCache};
-use crate::store::{Attrs, EmbeddingStore, ImageKey, StoredMeta};
+use crate::store::{Attrs, EmbeddingStore, ImageKey, ProductId, StoredMeta};
 
 /// What a search asks of the index beside its vector.
 #[derive(Clone, Debug, PartialEq)]
@@ -183,6 +183,13 @@ impl VectorIndex {
             tracing::info!(moved, "embeddings carried over to one document per image");
         }
         Ok((encoder, metas))
+    }
+
+    /// For an incremental pass: the metadata of `products`' stored embeddings, or None
+    /// when some are still in the one-per-product layout (a full pass carries them over).
+    pub async fn metas_of(&self, products: &[ProductId]) -> Result<Option<Metas>, DatabaseError> {
+        let metas = self.store.metas_of(products).await?;
+        Ok((!metas.values().any(|m| m.legacy)).then_some(metas))
     }
 
     /// Stores the vectors of one batch; returns their update time.

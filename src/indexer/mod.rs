@@ -5,14 +5,20 @@
 //!
 //! A search asks for a pass when the last one is older than CATALOG_SYNC_INTERVAL_SECS
 //! (`pass_if_due`); `POST /refresh` and `search-img index` ask for one that sees every
-//! change made before the call (`pass_now`).
+//! change made before the call (`pass_now`). While the products collection's change
+//! stream is followed (`follow`), each change gets an incremental pass over just the
+//! products it names (`pass_products`), and full passes are due only every
+//! CATALOG_FULL_SYNC_INTERVAL_SECS.
 
+pub mod follow;
 pub mod pipeline;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use mongodb::bson::DateTime;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
@@ -21,6 +27,7 @@ use crate::embedder::Embedder;
 use crate::error::{DatabaseError, ModelError};
 use crate::fetch::Fetcher;
 use crate::lease::Lease;
+use crate::store::ProductId;
 use crate::vectors::VectorIndex;
 use pipeline::Pipeline;
 
@@ -99,8 +106,10 @@ pub struct PassProgress {
     pub todo: usize,
     /// Seconds since the pass under way (or the last one) started.
     pub started_secs_ago: Option<f64>,
-    /// Passes started since the service started.
+    /// Full passes started since the service started.
     pub passes: u64,
+    /// Incremental passes (changes told by the change stream) since the service started.
+    pub incremental_passes: u64,
 }
 
 #[derive(Default)]
@@ -109,11 +118,18 @@ struct Schedule {
     /// The pass that `pass_now` asked for while one was running: it starts when that
     /// one ends, and every call made meanwhile shares it.
     queued: Option<PassFuture>,
+    /// When the last full pass that succeeded started: it saw every change made before.
     last_done: Option<Instant>,
+    /// The same, by the clock (kept with the change stream's resume token).
+    last_done_at: Option<DateTime>,
+    /// When changes were last found to have gone untold (a change stream opened afresh):
+    /// a full pass that started earlier no longer counts.
+    missed_changes: Option<Instant>,
     /// The pass under way or the last one: (done, todo), when it started, how many.
     done_todo: (usize, usize),
     started: Option<Instant>,
     passes: u64,
+    incremental_passes: u64,
 }
 
 pub struct Indexer {
@@ -124,6 +140,12 @@ pub struct Indexer {
     settings: IndexerSettings,
     /// Held for each pass: instances on one database take turns.
     lease: Lease,
+    /// Held for each pass, full or incremental: they run one at a time here too (the
+    /// lease is this instance's for both).
+    running: tokio::sync::Mutex<()>,
+    /// Whether the change stream is followed now: full passes are then due only every
+    /// CATALOG_FULL_SYNC_INTERVAL_SECS.
+    following: AtomicBool,
     /// Locked briefly, never across an await.
     schedule: Arc<Mutex<Schedule>>,
 }
@@ -144,8 +166,51 @@ impl Indexer {
             fetcher,
             settings,
             lease,
+            running: Default::default(),
+            following: AtomicBool::new(false),
             schedule: Default::default(),
         })
+    }
+
+    /// Told by the change stream's follower whether it follows the stream now; `missed`
+    /// when the stream starts afresh (not from a resume token), so changes made before
+    /// went untold and a full pass is due.
+    pub fn set_following(&self, following: bool, missed: bool) {
+        self.following.store(following, Ordering::Relaxed);
+        if missed {
+            self.lock().missed_changes = Some(Instant::now());
+        }
+    }
+
+    /// When the last full pass started, if no change has gone untold since: the change
+    /// stream's follower stores it with its resume token.
+    pub fn covering_full_pass(&self) -> Option<DateTime> {
+        let s = self.lock();
+        match (s.last_done, s.missed_changes) {
+            (Some(t), Some(m)) if t < m => None,
+            _ => s.last_done_at,
+        }
+    }
+
+    /// After a restart that resumed the change stream where the last instance left it:
+    /// that instance's last full pass counts here, so none is due before its time.
+    pub fn restore_full_pass(&self, at: DateTime) {
+        let age = DateTime::now().timestamp_millis() - at.timestamp_millis();
+        let age = Duration::from_millis(age.max(0) as u64);
+        let mut s = self.lock();
+        if s.last_done.is_none() {
+            if let Some(t) = Instant::now().checked_sub(age) {
+                (s.last_done, s.last_done_at) = (Some(t), Some(at));
+            }
+        }
+    }
+
+    /// How old the last full pass may be before a search starts one.
+    fn pass_interval(&self) -> Duration {
+        match self.following.load(Ordering::Relaxed) {
+            true => self.settings.full_pass_interval,
+            false => self.settings.pass_interval,
+        }
     }
 
     /// Before a search: a pass if the last one is older than CATALOG_SYNC_INTERVAL_SECS,
@@ -154,9 +219,10 @@ impl Indexer {
     pub async fn pass_if_due(self: &Arc<Self>) {
         let pass = {
             let mut s = self.lock();
+            let interval = self.pass_interval();
             let due = s
                 .last_done
-                .is_none_or(|t| t.elapsed() >= self.settings.pass_interval);
+                .is_none_or(|t| t.elapsed() >= interval || s.missed_changes.is_some_and(|m| t < m));
             // A pass that is not due (a refresh's) does not hold searches up.
             match (&s.running, due) {
                 (Some(f), true) => f.clone(),
@@ -211,6 +277,7 @@ impl Indexer {
             todo: s.done_todo.1,
             started_secs_ago: s.started.map(|t| t.elapsed().as_secs_f64()),
             passes: s.passes,
+            incremental_passes: s.incremental_passes,
         }
     }
 
@@ -239,7 +306,8 @@ impl Indexer {
 
     /// Spawns a pass (so it finishes even if every waiter goes away) and records it.
     fn start(self: &Arc<Self>, s: &mut Schedule, progress: Progress) -> PassFuture {
-        s.started = Some(Instant::now());
+        let started = (Instant::now(), DateTime::now());
+        s.started = Some(started.0);
         s.passes += 1;
         s.done_todo = (0, 0);
         let schedule = self.schedule.clone();
@@ -249,11 +317,11 @@ impl Indexer {
         });
         let this = self.clone();
         let handle = tokio::spawn(async move {
-            let result = this.pass(progress).await;
+            let result = this.pass(Scope::All, progress).await;
             let mut s = this.lock();
             s.running = None;
             if result.is_ok() {
-                s.last_done = Some(Instant::now());
+                (s.last_done, s.last_done_at) = (Some(started.0), Some(started.1));
             }
             result.map_err(Arc::new)
         });
@@ -262,19 +330,47 @@ impl Indexer {
         pass
     }
 
-    /// A pass under the lease: while another instance runs one, this one waits, and
-    /// then plans with that one's embeddings stored (none embedded twice).
-    async fn pass(&self, progress: Progress) -> Result<IndexReport, PassError> {
-        self.lease.hold(self.pass_held(progress)).await?
+    /// An incremental pass: `products` (changed, added, hidden or deleted) brought up to
+    /// date, and nothing else read. With embeddings still in the one-per-product layout
+    /// it marks a full pass due instead, which carries them over.
+    pub async fn pass_products(&self, products: Vec<ProductId>) -> Result<IndexReport, PassError> {
+        self.lock().incremental_passes += 1;
+        self.pass(Scope::Products(products), Arc::new(|_, _| {}))
+            .await
     }
 
-    async fn pass_held(&self, progress: Progress) -> Result<IndexReport, PassError> {
+    /// A pass under the lease: while another instance runs one, this one waits, and
+    /// then plans with that one's embeddings stored (none embedded twice).
+    async fn pass(&self, scope: Scope, progress: Progress) -> Result<IndexReport, PassError> {
+        let _one_at_a_time = self.running.lock().await;
+        self.lease.hold(self.pass_held(scope, progress)).await?
+    }
+
+    async fn pass_held(&self, scope: Scope, progress: Progress) -> Result<IndexReport, PassError> {
         let start = Instant::now();
-        // The catalogue read needs no model: on the first pass it runs while the model
-        // loads.
-        let catalog = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
-        let model_and_metas = async { self.vectors.metas_for_pass(self.embedder.model()).await };
-        let (catalog, (model, metas)) = tokio::try_join!(catalog, model_and_metas)?;
+        let (catalog, model, metas) = match scope {
+            Scope::All => {
+                // The catalogue read needs no model: on the first pass it runs while the
+                // model loads.
+                let catalog = async { Ok::<_, PassError>(self.catalog.searchable().await?) };
+                let model_and_metas =
+                    async { self.vectors.metas_for_pass(self.embedder.model()).await };
+                let (catalog, (model, metas)) = tokio::try_join!(catalog, model_and_metas)?;
+                (catalog, model, metas)
+            }
+            Scope::Products(ids) => {
+                let catalog =
+                    async { Ok::<_, PassError>(self.catalog.searchable_among(&ids).await?) };
+                let metas = async { Ok::<_, PassError>(self.vectors.metas_of(&ids).await?) };
+                let model = async { Ok::<_, PassError>(self.embedder.model().await?) };
+                let (catalog, metas, model) = tokio::try_join!(catalog, metas, model)?;
+                let Some(metas) = metas else {
+                    self.set_following(self.following.load(Ordering::Relaxed), true);
+                    return Ok(IndexReport::default());
+                };
+                (catalog, model, metas)
+            }
+        };
         let pipeline = Pipeline {
             embedder: &self.embedder,
             model,
@@ -292,6 +388,14 @@ impl Indexer {
         self.vectors.apply(changes).await;
         report
     }
+}
+
+/// What a pass covers.
+enum Scope {
+    /// The whole catalogue and every stored embedding.
+    All,
+    /// These products and their embeddings.
+    Products(Vec<ProductId>),
 }
 
 /// A spawned pass as a future every waiter can share.

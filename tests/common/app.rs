@@ -57,6 +57,9 @@ pub fn test_vars(mongo: &MongoServer, extra: &[(&str, &str)]) -> Vec<(String, St
         ("CATALOG_SYNC_INTERVAL_SECS", "0".into()),
         ("ORT_INTRA_THREADS", "1".into()),
         ("MONGO_TIMEOUT_SECS", "2".into()),
+        // A pass before every search, as the tests expect; tests/changes.rs follows the
+        // change stream.
+        ("CATALOG_CHANGE_STREAM", "false".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -91,7 +94,11 @@ pub fn product_doc(name: &str, image_url: &str) -> Document {
 impl TestApp {
     /// Mongo + image server + the catalogue seeded + the service serving.
     pub async fn start(extra: &[(&str, &str)]) -> TestApp {
-        let mongo = MongoServer::start().await;
+        Self::start_on(MongoServer::start().await, extra).await
+    }
+
+    /// Like [`start`](Self::start) on a server already started.
+    pub async fn start_on(mongo: MongoServer, extra: &[(&str, &str)]) -> TestApp {
         let images = ImageServer::start().await;
         let vars = test_vars(&mongo, extra);
         let client = mongo.client().await;
@@ -149,16 +156,33 @@ impl TestApp {
     /// Stops serving and starts a new service on the same database and images, as a
     /// process restart would.
     pub async fn restart_service(self) -> TestApp {
+        let (mongo, images, vars, ids) = self.stop_service().await;
+        Self::serve(mongo, images, vars, ids).await
+    }
+
+    /// Stops the service (its background tasks too) and hands back what
+    /// [`serve`](Self::serve) starts the next one with.
+    pub async fn stop_service(
+        self,
+    ) -> (
+        MongoServer,
+        ImageServer,
+        Vec<(String, String)>,
+        HashMap<String, ObjectId>,
+    ) {
         let TestApp {
             mongo,
             images,
             vars,
             ids,
             server,
+            state,
             ..
         } = self;
-        drop(server);
-        Self::serve(mongo, images, vars, ids).await
+        drop((server, state));
+        // The aborted tasks are dropped by the runtime at their next turn.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (mongo, images, vars, ids)
     }
 
     pub fn url(&self, path: &str) -> String {
