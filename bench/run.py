@@ -494,6 +494,50 @@ def model_key(status):
     return f"{m['name']}@{m['sha256'][:16]}"
 
 
+def wait_for(pred, limit=120.0, step=0.02):
+    """Seconds until `pred()` holds (polled every `step`), or None after `limit`."""
+    t = time.monotonic()
+    while time.monotonic() - t < limit:
+        if pred():
+            return time.monotonic() - t
+        time.sleep(step)
+    return None
+
+
+def change_phase(svc, uri, coll, img_port):
+    """On the whole catalogue, with the change stream followed: a full pass that finds
+    nothing to do (the safety net's cost), then one product inserted, repriced and
+    deleted, each timed from the write until the embeddings collection shows it."""
+    code, report = http_json("POST", svc.port, "/api/v1/refresh", timeout=7200)
+    assert code == 200, report
+    _, before = http_json("GET", svc.port, "/api/v1/status")
+    client = pymongo.MongoClient(uri)
+    products, store = client[DB]["products"], client[DB][coll]
+    oid = ObjectId()
+    doc = {"_id": oid, "productName": "Bench change", "productPrice": 123000,
+           "productImage": f"http://127.0.0.1:{img_port}/img/00007.jpg",
+           "productCategory": ObjectId(), "isHidden": False}
+    t = {}
+    products.insert_one(doc)
+    t["insert_s"] = wait_for(lambda: store.find_one({"product": oid, "status": "ok"}))
+    products.update_one({"_id": oid}, {"$set": {"productPrice": 456000}})
+    t["price_s"] = wait_for(lambda: store.find_one({"product": oid, "price": 456000.0}))
+    products.delete_one({"_id": oid})
+    t["delete_s"] = wait_for(lambda: store.count_documents({"product": oid}) == 0)
+    client.close()
+    _, after = http_json("GET", svc.port, "/api/v1/status")
+    out = {"full_pass_ms": report["timings"]["total_ms"], **t,
+           "follow": after.get("catalog_changes"),
+           "incremental_passes": after["index_pass"]["incremental_passes"]
+           - before["index_pass"]["incremental_passes"],
+           "full_passes": after["index_pass"]["passes"] - before["index_pass"]["passes"]}
+    log(f"changes: full pass (nothing to do) {out['full_pass_ms']:.0f} ms; insert "
+        f"{fmt(t['insert_s'], 2)} s, price {fmt(t['price_s'], 2)} s, delete "
+        f"{fmt(t['delete_s'], 2)} s; {out['incremental_passes']} incremental, "
+        f"{out['full_passes']} full passes meanwhile")
+    return out
+
+
 def bench_model(model, uri, img_port, neighbours):
     """`neighbours`: name -> pid of the other processes on these cores (the database and
     the image server), whose CPU an indexing pass also costs."""
@@ -548,9 +592,11 @@ def bench_model(model, uri, img_port, neighbours):
             log(f"{model}: bare runtime baseline")
             out["bare"] = bare_pair(path)
         for cache in ("false", "true"):
+            # The whole collection: no MAX_PRODUCTS, so the change stream is followed.
+            whole = size == max(SIZES)
+            cap = {} if whole else {"MAX_PRODUCTS": str(size)}
             svc = Service(f"{model}-{size}-cache-{cache}",
-                          {**env, "MAX_PRODUCTS": str(size), "CACHE_PRODUCTS": cache},
-                          uri).start()
+                          {**env, **cap, "CACHE_PRODUCTS": cache}, uri).start()
             first = svc.load(1, 1)
             rss_first = svc.rss_mb()
             _, status = http_json("GET", svc.port, "/api/v1/status")
@@ -562,6 +608,8 @@ def bench_model(model, uri, img_port, neighbours):
             c1_similar = svc.load(1, C1, warmup=5, url=svc.similar_url(probe["_id"]),
                                   upload=False)
             rss_end = svc.rss_mb()
+            changes = change_phase(svc, uri, coll, img_port) if whole and cache == "true" \
+                else None
             if (model == OVERLOAD_MODEL and size == overload_size() and cache == "false"
                     and OVERLOAD_SECS > 0):
                 # The table's peak RSS is the searches' above; the overload's is its own.
@@ -595,6 +643,7 @@ def bench_model(model, uri, img_port, neighbours):
                 "c10": c10,
                 "c1_filtered": c1_filtered,
                 "c1_similar": c1_similar,
+                "changes": changes,
                 "peak_rss_mb": svc.peak_mb,
                 "max_sampled_rss_mb": svc.max_sampled_mb,
                 "cache_heap": svc.cache_heap,
@@ -747,6 +796,27 @@ def tables(result):
         ratio = lambda x: fmt(x / base, 2) if x and base else "-"  # noqa: E731
         lines.append(f"| {m['model']} | {int(size):,} | {cache} | {fmt(base)} | "
                      f"{fmt(filt)} | {ratio(filt)} | {fmt(sim)} | {ratio(sim)} |")
+    changes = [(m, size, c) for m, size, cache, c in search_runs(result) if c.get("changes")]
+    if changes:
+        lines.append("")
+        lines.append("Catalogue changes, on the whole catalogue with CACHE_PRODUCTS=true and the "
+                     "change stream followed: a full pass that finds nothing to do (the hourly "
+                     "safety net), and seconds from a product's write until the embeddings "
+                     "collection shows it; memory of the vectors in memory a product image "
+                     "(`cached_bytes` / `cached_vectors` in `/api/v1/status`):")
+        lines.append("")
+        lines.append("| model | products | full pass ms | insert s | price change s | delete s | "
+                     "incremental / full passes | cache bytes an image | peak RSS MB |")
+        lines.append("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+        for m, size, c in changes:
+            ch, st = c["changes"], c["status"]
+            per = (st["cached_bytes"] / st["cached_vectors"]
+                   if st.get("cached_bytes") and st.get("cached_vectors") else None)
+            lines.append(
+                f"| {m['model']} | {int(size):,} | {fmt(ch['full_pass_ms'], 0)} | "
+                f"{fmt(ch['insert_s'], 2)} | {fmt(ch['price_s'], 2)} | {fmt(ch['delete_s'], 2)} "
+                f"| {ch['incremental_passes']} / {ch['full_passes']} | {fmt(per, 0)} | "
+                f"{fmt(c['peak_rss_mb'], 0)} |")
     lines.append("")
     lines.append("Search time split at c=1 (medians from the service's Server-Timing header, ms):")
     lines.append("")
