@@ -363,6 +363,22 @@ pub struct VectorSettings {
     /// Vectors read per MongoDB batch when streaming them.
     #[arg(long, value_parser = Var(at_least_one_u32), default_value = "1000")]
     pub vector_batch_size: u32,
+    /// How searches rank: `exact` (the service compares the vectors itself) or `atlas`
+    /// (MongoDB Atlas Vector Search, once its index is queryable; exact meanwhile).
+    #[arg(long, value_parser = Var(vector_search), default_value = "exact")]
+    pub vector_search: VectorSearch,
+    /// With VECTOR_SEARCH=atlas: the name of the vector search index on the embeddings
+    /// collection (created when missing).
+    #[arg(long, default_value = "search_img_vectors")]
+    pub atlas_search_index: String,
+}
+
+/// VECTOR_SEARCH: who ranks the stored vectors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VectorSearch {
+    #[default]
+    Exact,
+    Atlas,
 }
 
 /// The search parameters' defaults.
@@ -617,6 +633,14 @@ fn prepacking(s: &str) -> Result<Prepacking, String> {
         Some(true) => Prepacking::On,
         Some(false) => Prepacking::Off,
     })
+}
+
+fn vector_search(s: &str) -> Result<VectorSearch, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "exact" => Ok(VectorSearch::Exact),
+        "atlas" => Ok(VectorSearch::Atlas),
+        _ => Err(format!("expected exact or atlas, got {s:?}")),
+    }
 }
 
 fn cache_mode(s: &str) -> Result<CacheMode, String> {

@@ -4,6 +4,7 @@
 //! fetch (image bytes) -> encoder (decode, preprocess, embed) -> store (product vectors in
 //! MongoDB) -> rank (top-k by cosine) -> catalog (join product documents) -> http.
 
+pub mod atlas;
 pub mod catalog;
 pub mod compact;
 pub mod config;

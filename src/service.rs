@@ -17,6 +17,7 @@ use mongodb::options::ClientOptions;
 use mongodb::Client;
 use serde::Serialize;
 
+use crate::atlas::AtlasStatus;
 use crate::catalog::Catalog;
 use crate::config::{Config, HttpSettings, SearchSettings, SessionSettings};
 use crate::dbwatch::DbWatch;
@@ -241,6 +242,7 @@ impl AppState {
                 Ok(f) => f.status(),
                 Err(why) => Follower::status_off(why),
             },
+            vector_search: this.vectors.vector_search(),
             uptime_secs: this.started.elapsed().as_secs(),
         })
     }
@@ -282,5 +284,7 @@ pub struct Status {
     pub index_pass: PassProgress,
     /// Whether catalogue changes come from the products collection's change stream.
     pub catalog_changes: FollowStatus,
+    /// VECTOR_SEARCH: `exact`, or `atlas` with the index's state.
+    pub vector_search: AtlasStatus,
     pub uptime_secs: u64,
 }

@@ -221,6 +221,11 @@ impl EmbeddingStore {
         }
     }
 
+    /// Atlas Vector Search over this collection, through the index `index`.
+    pub fn atlas(&self, index: &str) -> std::sync::Arc<crate::atlas::AtlasSearch> {
+        crate::atlas::AtlasSearch::new(&self.db, self.coll.name(), index)
+    }
+
     /// The indexes the counts and incremental passes (a few products' embeddings) use;
     /// creating them again is a no-op.
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {

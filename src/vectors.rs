@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use mongodb::bson::DateTime;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::{CacheMode, VectorSettings};
+use crate::atlas::{AtlasSearch, AtlasStatus};
+use crate::config::{CacheMode, VectorSearch, VectorSettings};
 use crate::encoder::Encoder;
 use crate::error::{DatabaseError, ModelError};
 use crate::indexer::PassError;
@@ -62,6 +63,8 @@ pub struct VectorIndex {
     store: EmbeddingStore,
     cache: Option<Cache>,
     batch_size: u32,
+    /// VECTOR_SEARCH=atlas: ranks through Atlas once its index is queryable.
+    atlas: Option<Arc<AtlasSearch>>,
 }
 
 /// `CACHE_PRODUCTS=true` or `auto`: the vectors in memory (None until first loaded, and
@@ -103,7 +106,10 @@ const REFIT_INTERVALS: u32 = 10;
 
 impl VectorIndex {
     pub fn new(store: EmbeddingStore, settings: &VectorSettings) -> Self {
+        let atlas = (settings.vector_search == VectorSearch::Atlas)
+            .then(|| store.atlas(&settings.atlas_search_index));
         Self {
+            atlas,
             store,
             cache: (settings.cache_products != CacheMode::Off).then(|| Cache {
                 vectors: RwLock::new(None),
@@ -125,6 +131,14 @@ impl VectorIndex {
         let Some(dim) = ask.queries.first().map(|q| q.len()) else {
             return Ok(Vec::new());
         };
+        if let Some(atlas) = self.atlas.as_ref().filter(|a| a.queryable(dim)) {
+            match atlas.rank(model, ask).await {
+                Ok(found) => return Ok(found),
+                // The index dropped or the stage refused: exact this time, and the
+                // index is looked at again.
+                Err(e) => atlas.failed(&e),
+            }
+        }
         let candidates = match &self.cache {
             Some(cache) if self.cache_up_to_date(model, dim, false).await?.0 => {
                 let guard = cache.vectors.read().await;
@@ -262,6 +276,19 @@ impl VectorIndex {
     }
 
     /// CACHE_PRODUCTS as configured.
+    /// Whether searches rank through Atlas Vector Search, and why not.
+    pub fn vector_search(&self) -> AtlasStatus {
+        self.atlas.as_ref().map_or(
+            AtlasStatus {
+                mode: "exact",
+                state: "off",
+                index: None,
+                reason: None,
+            },
+            |a| a.status(),
+        )
+    }
+
     pub fn mode(&self) -> &'static str {
         match &self.cache {
             None => "false",
