@@ -117,10 +117,10 @@ def status_kb(pid, field):
 def default_slots():
     """The service's default MAX_CONCURRENT_REQUESTS, as src/config.rs sets it."""
     text = (ROOT / "src/config.rs").read_text()
-    m = re.search(r"fn max_concurrent_requests\(\)\s*->\s*usize\s*\{\s*(\d+)\s*\}", text)
+    m = re.search(r'default_value = "(\d+)"\)\]\s*pub max_concurrent_requests: usize', text)
     if not m:
-        raise SystemExit("bench/run.py: no `fn max_concurrent_requests() -> usize { N }` in "
-                         "src/config.rs: update default_slots()")
+        raise SystemExit("bench/run.py: no `default_value = \"N\")] pub max_concurrent_requests` "
+                         "in src/config.rs: update default_slots()")
     return int(m.group(1))
 
 
