@@ -11,7 +11,6 @@
 //! `(1 + cosine) / 2`; `cosine_from_score` turns it back, so `threshold` means the same
 //! in every mode.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::{Collection, Database};
 
-use crate::rank::{Ask, Filter, Scored};
+use crate::rank::{Ask, Filter, Scored, TopK};
 use crate::store::{encode_vector, ProductId};
 
 /// Atlas's upper bound on `numCandidates` (and so on `limit`).
@@ -197,30 +196,31 @@ impl AtlasSearch {
             let this = self.clone();
             tokio::spawn(async move {
                 let outcome = this.check(dim).await;
-                let mut s = this.lock();
-                s.checking = false;
-                s.checked = Some(Instant::now());
-                match outcome {
-                    Ok(Ready::Yes) => {
-                        s.ready_dim = Some(dim);
-                        (s.status, s.reason) = ("ready", None);
-                        tracing::info!(index = %this.index, "ranking with Atlas Vector Search");
-                    }
-                    Ok(Ready::Building(why)) => {
-                        s.ready_dim = None;
-                        (s.status, s.reason) = ("building", Some(why));
-                    }
-                    Err(why) => {
-                        s.ready_dim = None;
-                        if s.reason.as_deref() != Some(why.as_str()) {
-                            tracing::warn!(reason = %why, "no Atlas Vector Search: ranking exactly");
-                        }
-                        (s.status, s.reason) = ("unavailable", Some(why));
-                    }
-                }
+                this.record(dim, outcome);
             });
         }
         false
+    }
+
+    /// What a check found, for the next searches and the status.
+    fn record(&self, dim: usize, outcome: Result<Ready, String>) {
+        let mut s = self.lock();
+        (s.checking, s.checked) = (false, Some(Instant::now()));
+        let (status, reason) = match outcome {
+            Ok(Ready::Yes) => {
+                tracing::info!(index = %self.index, "ranking with Atlas Vector Search");
+                ("ready", None)
+            }
+            Ok(Ready::Building(why)) => ("building", Some(why)),
+            Err(why) => {
+                if s.reason.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(reason = %why, "no Atlas Vector Search: ranking exactly");
+                }
+                ("unavailable", Some(why))
+            }
+        };
+        s.ready_dim = (status == "ready").then_some(dim);
+        (s.status, s.reason) = (status, reason);
     }
 
     /// Looks the index up; creates it when missing, updates it when its dimensions are
@@ -302,38 +302,28 @@ impl AtlasSearch {
     }
 
     /// The best `ask.k` products for `ask`, best first, through the index: one stage per
-    /// query vector, a product's score its best.
+    /// query vector, kept by exact ranking's `TopK` (a product's best image, the
+    /// threshold, the same tie-breaks).
     pub async fn rank(&self, model: &str, ask: Ask<'_>) -> mongodb::error::Result<Vec<Scored>> {
-        let mut best: HashMap<ProductId, Scored> = HashMap::new();
+        let mut top = TopK::new(ask.k, ask.threshold);
         for q in ask.queries {
             let mut cursor = self
                 .coll
                 .aggregate(pipeline(&self.index, q, model, &ask))
                 .await?;
             while let Some(d) = cursor.try_next().await? {
-                let (Some(id), Ok(image), Ok(score)) =
+                if let (Some(id), Ok(image), Ok(score)) =
                     (d.get("_id"), d.get_str("image_url"), d.get_f64("score"))
-                else {
-                    continue;
-                };
-                let score = cosine_from_score(score);
-                if score < ask.threshold {
-                    continue;
-                }
-                let id = ProductId::from_bson(id.clone());
-                let better = best.get(&id).is_none_or(|b| {
-                    score > b.score || (score == b.score && image < b.image.as_str())
-                });
-                if better {
-                    let image = image.to_string();
-                    best.insert(id.clone(), Scored { id, image, score });
+                {
+                    top.push(
+                        &ProductId::from_bson(id.clone()),
+                        image,
+                        cosine_from_score(score),
+                    );
                 }
             }
         }
-        let mut out: Vec<Scored> = best.into_values().collect();
-        out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.image.cmp(&b.image)));
-        out.truncate(ask.k);
-        Ok(out)
+        Ok(top.into_sorted())
     }
 }
 

@@ -50,7 +50,7 @@ struct Inner {
     /// The products collection's change stream (CATALOG_CHANGE_STREAM), or why not.
     follower: Result<Arc<Follower>, &'static str>,
     /// The follower's task, once started; it stops with the service.
-    following: std::sync::Mutex<Option<AbortOnDrop>>,
+    following: std::sync::OnceLock<AbortOnDrop>,
     search: Search,
     started: Instant,
 }
@@ -154,9 +154,9 @@ impl AppState {
     pub async fn warm_up(&self) {
         self.0.db_watch.start();
         if let Ok(f) = &self.0.follower {
-            let task = tokio::spawn(f.clone().run());
-            let mut slot = self.0.following.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert(AbortOnDrop(task));
+            self.0
+                .following
+                .get_or_init(|| AbortOnDrop(tokio::spawn(f.clone().run())));
         }
         self.prepare().await;
     }

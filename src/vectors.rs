@@ -275,7 +275,6 @@ impl VectorIndex {
         c.as_ref().map(|c| (c.len(), c.heap_bytes()))
     }
 
-    /// CACHE_PRODUCTS as configured.
     /// Whether searches rank through Atlas Vector Search, and why not.
     pub fn vector_search(&self) -> AtlasStatus {
         self.atlas.as_ref().map_or(
@@ -289,6 +288,7 @@ impl VectorIndex {
         )
     }
 
+    /// CACHE_PRODUCTS as configured.
     pub fn mode(&self) -> &'static str {
         match &self.cache {
             None => "false",

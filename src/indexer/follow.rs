@@ -144,13 +144,14 @@ impl Follower {
                 }
             };
             backoff = BACKOFF_MIN;
-            self.indexer.set_following(true, !resumed);
+            self.indexer.set_following(true);
             if resumed {
                 // Where the last instance left it: its last full pass counts here.
                 if let Some(at) = full_pass_at {
                     self.indexer.restore_full_pass(at);
                 }
             } else {
+                self.indexer.changes_missed();
                 token = stream.resume_token();
                 self.save_point(token.as_ref()).await;
             }
@@ -171,7 +172,7 @@ impl Follower {
     }
 
     fn not_following(&self, state: &'static str, reason: String) {
-        self.indexer.set_following(false, false);
+        self.indexer.set_following(false);
         self.set_state(state, Some(reason));
     }
 
@@ -222,7 +223,7 @@ impl Follower {
                 tracing::warn!(
                     "the products collection was dropped or renamed; a full pass is due"
                 );
-                self.indexer.set_following(true, true);
+                self.indexer.changes_missed();
                 return Ok(());
             }
             let next = stream.resume_token();

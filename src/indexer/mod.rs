@@ -142,7 +142,7 @@ pub struct Indexer {
     lease: Lease,
     /// Held for each pass, full or incremental: they run one at a time here too (the
     /// lease is this instance's for both).
-    running: tokio::sync::Mutex<()>,
+    turn: tokio::sync::Mutex<()>,
     /// Whether the change stream is followed now: full passes are then due only every
     /// CATALOG_FULL_SYNC_INTERVAL_SECS.
     following: AtomicBool,
@@ -166,20 +166,21 @@ impl Indexer {
             fetcher,
             settings,
             lease,
-            running: Default::default(),
+            turn: Default::default(),
             following: AtomicBool::new(false),
             schedule: Default::default(),
         })
     }
 
-    /// Told by the change stream's follower whether it follows the stream now; `missed`
-    /// when the stream starts afresh (not from a resume token), so changes made before
-    /// went untold and a full pass is due.
-    pub fn set_following(&self, following: bool, missed: bool) {
+    /// Told by the change stream's follower whether it follows the stream now.
+    pub fn set_following(&self, following: bool) {
         self.following.store(following, Ordering::Relaxed);
-        if missed {
-            self.lock().missed_changes = Some(Instant::now());
-        }
+    }
+
+    /// Changes made until now may have gone untold (a stream opened afresh, not from a
+    /// resume token, or ended): a full pass is due, whatever the last one's age.
+    pub fn changes_missed(&self) {
+        self.lock().missed_changes = Some(Instant::now());
     }
 
     /// When the last full pass started, if no change has gone untold since: the change
@@ -342,7 +343,7 @@ impl Indexer {
     /// A pass under the lease: while another instance runs one, this one waits, and
     /// then plans with that one's embeddings stored (none embedded twice).
     async fn pass(&self, scope: Scope, progress: Progress) -> Result<IndexReport, PassError> {
-        let _one_at_a_time = self.running.lock().await;
+        let _one_at_a_time = self.turn.lock().await;
         self.lease.hold(self.pass_held(scope, progress)).await?
     }
 
@@ -365,7 +366,7 @@ impl Indexer {
                 let model = async { Ok::<_, PassError>(self.embedder.model().await?) };
                 let (catalog, metas, model) = tokio::try_join!(catalog, metas, model)?;
                 let Some(metas) = metas else {
-                    self.set_following(self.following.load(Ordering::Relaxed), true);
+                    self.changes_missed();
                     return Ok(IndexReport::default());
                 };
                 (catalog, model, metas)
