@@ -13,10 +13,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "models"))
+from qmm import set_precise_qmm  # noqa: E402
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -92,7 +96,7 @@ def main():
     so.add_session_config_entry("session.disable_prepacking", "0" if prepacking else "1")
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
-    so.add_session_config_entry("session.x64quantprecision", "1")  # as the service
+    set_precise_qmm(so)  # as the service
     so.log_severity_level = 3
 
     t = time.perf_counter()

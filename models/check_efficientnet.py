@@ -25,6 +25,8 @@ import zlib
 
 import numpy as np
 
+from qmm import set_precise_qmm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # image -> accepted top-1 ImageNet classes
@@ -184,7 +186,7 @@ def main(argv=None):
         cfg = json.load(f)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.x64quantprecision", "1")  # as the service
+    set_precise_qmm(so)  # as the service
     sess = ort.InferenceSession(os.path.join(args.model, "model.onnx"), so,
                                 providers=["CPUExecutionProvider"])
 

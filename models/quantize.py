@@ -42,6 +42,7 @@ import time
 import numpy as np
 
 from modelutil import publish
+from qmm import set_precise_qmm
 
 
 def prune_opset_imports(path):
@@ -65,9 +66,8 @@ def output_cosine(float_path, quant_path, batch=2, seed=0, x=None):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    # As the service runs it (src/encoder/runtime.rs): exact int8 products on x86 CPUs
-    # without VNNI, whose fast uint8 x int8 path saturates.
-    so.add_session_config_entry("session.x64quantprecision", "1")
+    # As the service runs it: exact int8 products on x86 CPUs without VNNI.
+    set_precise_qmm(so)
     sf = ort.InferenceSession(float_path, so, providers=["CPUExecutionProvider"])
     sq = ort.InferenceSession(quant_path, so, providers=["CPUExecutionProvider"])
     inp = sf.get_inputs()[0]
