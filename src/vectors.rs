@@ -239,7 +239,7 @@ impl VectorIndex {
 
     /// An index pass's writes, into the cache (nothing to do when streaming).
     pub async fn apply(&self, changes: Vec<Change>) {
-        let Some(cache) = &self.cache else {
+        let Some(cache) = self.cache.as_ref().filter(|_| !changes.is_empty()) else {
             return;
         };
         let mut guard = cache.vectors.write().await;
