@@ -649,11 +649,12 @@ def bench_model(model, uri, img_port, neighbours):
                 "cache_heap": svc.cache_heap,
                 "monitor_lines": svc.monitor_lines[-3:],
             }
-            log(f"{model} {size} cache={cache}: health {svc.health_ms:.0f} ms, idle "
-                f"{svc.idle_rss_mb:.1f} MB, first {first['p50_ms']:.0f} ms, c1 p50 "
-                f"{c1['p50_ms']:.1f} ms, c10 p50 {c10['p50_ms']:.1f} ms "
-                f"{c10['rps']:.1f}/s, peak {svc.peak_mb:.0f} MB; c1 p50 filtered "
-                f"{c1_filtered['p50_ms']:.1f} ms, similar {c1_similar['p50_ms']:.1f} ms")
+            # fmt: a phase where no search finished within BENCH_MAX_SECS has no p50.
+            log(f"{model} {size} cache={cache}: health {fmt(svc.health_ms, 0)} ms, idle "
+                f"{fmt(svc.idle_rss_mb)} MB, first {fmt(first['p50_ms'], 0)} ms, c1 p50 "
+                f"{fmt(c1['p50_ms'])} ms, c10 p50 {fmt(c10['p50_ms'])} ms "
+                f"{fmt(c10['rps'])}/s, peak {fmt(svc.peak_mb, 0)} MB; c1 p50 filtered "
+                f"{fmt(c1_filtered['p50_ms'])} ms, similar {fmt(c1_similar['p50_ms'])} ms")
             for name, run in (("c1", c1), ("c10", c10), ("filtered", c1_filtered),
                               ("similar", c1_similar)):
                 if run["ok"] < run["requests"]:
