@@ -575,6 +575,11 @@ impl VectorCache {
         self.ids.len()
     }
 
+    /// The vector values a scan reads (rows x dimensions).
+    pub fn values(&self) -> usize {
+        self.codes.len()
+    }
+
     /// Room for `n` more products, exactly: growing by doubling while loading would
     /// briefly need twice the vectors' memory.
     pub fn reserve_exact(&mut self, n: usize) {
