@@ -554,7 +554,10 @@ async fn a_pass_puts_what_it_stored_in_the_cache_before_it_ends() {
         assert!(t.elapsed() < Duration::from_secs(6), "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!pass.is_finished(), "the slow photo should hold the pass open");
+    assert!(
+        !pass.is_finished(),
+        "the slow photo should hold the pass open"
+    );
     let report = pass.await.unwrap().unwrap();
     assert_eq!(report.embedded, CATALOGUE.len() + 1);
     assert_eq!(app.status().await["cached_vectors"], CATALOGUE.len() + 1);
