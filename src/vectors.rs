@@ -104,10 +104,6 @@ struct Clock {
 
 const REFIT_INTERVALS: u32 = 10;
 
-/// Scans of at least this many cached values (10,000 x 1280 is 12.8 M: about 1.5 ms of
-/// CPU, 15 ms or more of wall time at 0.1 CPU) leave the runtime's worker to other tasks.
-const CPU_BOUND_MIN_VALUES: usize = 1 << 20;
-
 /// Runs `f` (CPU-bound, without awaiting) so that, when `long`, the runtime's other
 /// tasks do not wait for it: on the multi-thread runtime the worker first hands them to
 /// another thread (`block_in_place`). Under a CPU quota tokio runs one worker, and a
@@ -164,7 +160,7 @@ impl VectorIndex {
                 guard
                     .as_ref()
                     .filter(|c| c.model == model)
-                    .map(|c| cpu_bound(c.values() >= CPU_BOUND_MIN_VALUES, || c.shortlist(ask)))
+                    .map(|c| cpu_bound(c.long_scan(), || c.shortlist(ask)))
             }
             _ => None,
         };
@@ -258,7 +254,10 @@ impl VectorIndex {
 
     /// An index pass's writes, into the cache (nothing to do when streaming).
     pub async fn apply(&self, changes: Vec<Change>) {
-        let Some(cache) = self.cache.as_ref().filter(|_| !changes.is_empty()) else {
+        if changes.is_empty() {
+            return;
+        }
+        let Some(cache) = &self.cache else {
             return;
         };
         let mut guard = cache.vectors.write().await;

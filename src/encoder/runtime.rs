@@ -93,7 +93,7 @@ impl SessionSettings {
 /// that saturate: the int8 default drifted to a mean cosine of 0.85 to its float source
 /// there. With VNNI the fast path sums in int32 (exact), and the precise one takes twice
 /// as long (measured: 9.9 vs 4.6 ms an image for the int8 default), so it is set only
-/// where needed. `models/modelutil.py` decides the same way for the Python side.
+/// where needed. `models/qmm.py` decides the same way for the Python side.
 pub fn precise_qmm_needed() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

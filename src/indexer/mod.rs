@@ -382,11 +382,9 @@ impl Indexer {
             retry_failed_after: self.settings.retry_failed_after,
             progress: &*progress,
         };
-        let (report, changes) = pipeline.run(catalog, metas, start).await;
+        let report = pipeline.run(catalog, metas, start).await;
         // The pass's catalogue, metadata map and image buffers are freed now.
         crate::rank::release_freed_memory();
-        // What was stored goes to the cache even if the pass failed half-way.
-        self.vectors.apply(changes).await;
         report
     }
 }

@@ -129,17 +129,18 @@ struct ModelStageStats {
 impl Pipeline<'_> {
     /// One pass over `catalog` (the searchable products' images and attributes) against
     /// `metas` (every stored embedding's metadata), both read by the caller, which
-    /// started at `start`. Returns the report and the writes not applied to the cache yet,
-    /// failed or not (stored vectors go to the cache batch by batch).
+    /// started at `start`. Every write goes to the cache too, batch by batch, even when
+    /// the pass fails half-way.
     pub async fn run(
         &self,
         catalog: Searchable,
         metas: Metas,
         start: Instant,
-    ) -> (Result<IndexReport, PassError>, Vec<Change>) {
+    ) -> Result<IndexReport, PassError> {
         let changes = Mutex::new(Vec::new());
         let report = self.run_recording(catalog, metas, start, &changes).await;
-        (report, take(&changes))
+        self.vectors.apply(take(&changes)).await;
+        report
     }
 
     async fn run_recording(
