@@ -14,10 +14,7 @@ pub fn quantize_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
         return 0.0;
     }
     let scale = max / 127.0;
-    out.extend(
-        v.iter()
-            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
-    );
+    crate::simd::quantize(v, scale, out);
     scale
 }
 
@@ -65,7 +62,7 @@ impl QueryCodes {
     /// The approximate dot product with a row's codes.
     #[inline(always)]
     pub fn score(&self, row: &[i8], row_scale: f32) -> f32 {
-        idot(row, &self.codes) as f32 * (row_scale * self.scale)
+        crate::simd::idot(row, &self.codes) as f32 * (row_scale * self.scale)
     }
 
     /// How far `score` can be from the exact dot product of the unit row: each row code
@@ -75,15 +72,6 @@ impl QueryCodes {
     pub fn error_bound(&self, row_scale: f32) -> f32 {
         2.0 * (row_scale / 2.0 * self.l1 + self.own_error) + 1e-6
     }
-}
-
-/// Integer dot product: LLVM turns it into widening multiply-adds (`vpmaddwd` on AVX2).
-#[inline(always)]
-fn idot(a: &[i8], b: &[i16]) -> i32 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| i32::from(x) * i32::from(y))
-        .sum()
 }
 
 #[cfg(test)]

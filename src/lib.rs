@@ -20,5 +20,6 @@ pub mod monitor;
 pub mod rank;
 pub mod search;
 pub mod service;
+pub mod simd;
 pub mod store;
 pub mod vectors;

@@ -13,6 +13,7 @@ use mongodb::bson::RawDocumentBuf;
 use mongodb::Cursor;
 
 use crate::compact::{quantize_row, QueryCodes};
+use crate::simd;
 use crate::store::{le_floats, raw_meta, raw_vector, Attrs, ImageKey, ProductId, StoredMeta};
 
 /// The request filters: products in one of `categories` (any, when empty), priced
@@ -254,85 +255,22 @@ fn parallelism(values: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
-/// Independent partial sums in a dot product: eight 8-float vectors, enough to hide the
-/// latency of the additions (a 10,000 x 512 scan took 2.0 ms with 64 lanes on AVX2 vs
-/// 2.5 ms with the 8 lanes it had before).
-const LANES: usize = 64;
-
-/// Dot product with `LANES` partial sums reduced in a fixed order: no reassociation and
-/// no fused multiply-add, so every build and CPU path gives the same bits, and the
-/// cached and streamed rankings agree exactly.
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..LANES {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0] + tail
-}
-
-/// Dot product (one call; scans go through `scan`, which picks the CPU path once).
+/// Dot product (the f32 kernel of `simd`: the same bits on every CPU path, so the
+/// cached and streamed rankings agree exactly).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
+    simd::dot(a, b)
 }
 
 /// Scores every `dim`-wide row of `vectors` against `query`, in order, calling
-/// `f(row, score)`, on the CPU path `for_each_row` picks (a 64-lane sum is eight AVX2
-/// registers), the same bits either way.
+/// `f(row, score)`.
 pub fn scan(vectors: &[f32], dim: usize, query: &[f32], mut f: impl FnMut(usize, f32)) {
-    for_each_row(vectors, dim, |row, v| f(row, dot_lanes(query, v)))
-}
-
-/// `scan` on the baseline path, for the test that both paths give the same bits.
-#[cfg(test)]
-fn scan_portable(vectors: &[f32], dim: usize, query: &[f32], mut f: impl FnMut(usize, f32)) {
-    rows_portable(vectors, dim, |row, v| f(row, dot_lanes(query, v)))
-}
-
-/// Calls `f(row, values)` for every `dim`-wide row of `values`, in order, compiled for
-/// AVX2 when the CPU has it (the baseline x86-64 build only has 128-bit SSE2): `f` is
-/// inlined into the loop, so its arithmetic gets the wider registers. The f32 scan and
-/// the compact int8 one (`compact`) both go through it.
-pub fn for_each_row<T>(values: &[T], dim: usize, f: impl FnMut(usize, &[T])) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        unsafe { rows_avx2(values, dim, f) };
-        return;
-    }
-    rows_portable(values, dim, f)
-}
-
-#[inline(always)]
-fn rows_portable<T>(values: &[T], dim: usize, mut f: impl FnMut(usize, &[T])) {
     if dim == 0 {
         return;
     }
-    for (row, v) in values.chunks_exact(dim).enumerate() {
-        f(row, v);
+    let level = simd::Level::detect();
+    for (row, v) in vectors.chunks_exact(dim).enumerate() {
+        f(row, simd::dot_at(level, query, v));
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn rows_avx2<T>(values: &[T], dim: usize, f: impl FnMut(usize, &[T])) {
-    rows_portable(values, dim, f)
 }
 
 /// Ranks vectors streamed from a MongoDB cursor, one batch at a time (one read of the
@@ -850,7 +788,7 @@ impl VectorCache {
             RowFilter { filter, categories }
         });
         let codes = &self.codes[rows.start * self.dim..rows.end * self.dim];
-        for_each_row(codes, self.dim, |i, row_codes| {
+        for (i, row_codes) in codes.chunks_exact(self.dim.max(1)).enumerate() {
             let row = rows.start + i;
             let scale = self.scales[row];
             let (mut best, mut reaches) = (f32::NEG_INFINITY, false);
@@ -866,7 +804,7 @@ impl VectorCache {
             {
                 list.push(Candidate { score: best, row });
             }
-        });
+        }
         list
     }
 
@@ -1062,7 +1000,7 @@ mod tests {
     }
 
     #[test]
-    fn every_cpu_path_gives_the_same_bits() {
+    fn a_scan_scores_each_row_as_dot_does() {
         let mut x = 7u32;
         let mut next = || {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
@@ -1071,16 +1009,13 @@ mod tests {
         for dim in [3, 64, 100, 512, 1280] {
             let query: Vec<f32> = (0..dim).map(|_| next()).collect();
             let rows: Vec<f32> = (0..dim * 50).map(|_| next()).collect();
-            let mut dispatched = Vec::new();
-            scan(&rows, dim, &query, |_, s| dispatched.push(s.to_bits()));
-            let mut portable = Vec::new();
-            scan_portable(&rows, dim, &query, |_, s| portable.push(s.to_bits()));
+            let mut scanned = Vec::new();
+            scan(&rows, dim, &query, |_, s| scanned.push(s.to_bits()));
             let single: Vec<u32> = rows
                 .chunks_exact(dim)
                 .map(|r| dot(&query, r).to_bits())
                 .collect();
-            assert_eq!(dispatched, portable, "dim {dim}");
-            assert_eq!(dispatched, single, "dim {dim}");
+            assert_eq!(scanned, single, "dim {dim}");
         }
     }
 
