@@ -154,6 +154,7 @@ impl AppState {
     pub async fn warm_up(&self) {
         self.0.db_watch.start();
         if let Ok(f) = &self.0.follower {
+            self.0.indexer.expect_follower();
             self.0
                 .following
                 .get_or_init(|| AbortOnDrop(tokio::spawn(f.clone().run())));

@@ -10,9 +10,11 @@ mod common;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use common::app::{product_doc, TestApp};
+use common::app::{product_doc, test_vars, TestApp};
 use common::mongo::MongoServer;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, DateTime, Document};
+use search_img::config::Config;
+use search_img::service::AppState;
 use serde_json::Value;
 
 /// Following the stream; a full pass only hourly; hidden products are not searchable.
@@ -258,6 +260,49 @@ async fn the_stream_resumes_after_a_database_restart_and_a_service_restart() {
         0,
         "the last full pass still counts: {status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_waits_for_a_starting_follower_before_it_starts_a_full_pass() {
+    // Waking on Render's 0.1 CPU, the first search came before the new follower had
+    // resumed the stream and restored the last instance's full pass, so it started a
+    // needless full pass (2.3 s at 10,000 products). Here the follower's two calls are
+    // made by hand, so the order is certain (the real one wins the race unconstrained).
+    let mongo = MongoServer::start().await;
+    let config = Config::from_vars(test_vars(&mongo, FOLLOW)).unwrap();
+    let state = AppState::new(config).await.unwrap();
+    let indexer = state.indexer().clone();
+    let first_search = |i: &std::sync::Arc<search_img::indexer::Indexer>| {
+        let i = i.clone();
+        tokio::spawn(async move { i.pass_if_due().await })
+    };
+
+    indexer.expect_follower();
+    let search = first_search(&indexer);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let p = indexer.progress();
+    assert!(
+        !p.running && p.passes == 0,
+        "a pass before the follower told: {p:?}"
+    );
+    assert!(!search.is_finished(), "the search did not wait");
+    // The stream resumed: the last instance's pass of a minute ago counts.
+    let a_minute_ago = DateTime::from_millis(DateTime::now().timestamp_millis() - 60_000);
+    indexer.restore_full_pass(a_minute_ago);
+    indexer.set_following(true);
+    search.await.unwrap();
+    assert_eq!(indexer.progress().passes, 0, "{:?}", indexer.progress());
+
+    // A follower that never tells holds searches up for two seconds at most.
+    let state = AppState::new(Config::from_vars(test_vars(&mongo, FOLLOW)).unwrap())
+        .await
+        .unwrap();
+    let indexer = state.indexer().clone();
+    indexer.expect_follower();
+    let t = Instant::now();
+    first_search(&indexer).await.unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(indexer.progress().passes, 1, "{:?}", indexer.progress());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

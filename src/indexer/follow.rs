@@ -144,7 +144,6 @@ impl Follower {
                 }
             };
             backoff = BACKOFF_MIN;
-            self.indexer.set_following(true);
             if resumed {
                 // Where the last instance left it: its last full pass counts here.
                 if let Some(at) = full_pass_at {
@@ -155,6 +154,7 @@ impl Follower {
                 token = stream.resume_token();
                 self.save_point(token.as_ref()).await;
             }
+            self.indexer.set_following(true);
             self.set_state("following", None);
             tracing::info!(resumed, "following the products change stream");
             match self.follow(stream, &mut token).await {
