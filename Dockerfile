@@ -36,7 +36,11 @@ RUN case "$MODEL" in \
     esac \
  && test -f "models/out/$MODEL/model.onnx" \
  && test -f "models/out/$MODEL/preprocessor_config.json" \
- && test -f .tools/onnxruntime/libonnxruntime.so
+ && test -f .tools/onnxruntime/libonnxruntime.so \
+ && .tools/venv/bin/python models/optimize.py "models/out/$MODEL" --photos .tools/data/skimage \
+ && mkdir -p /src/dist-model \
+ && cp "models/out/$MODEL/model.onnx" "models/out/$MODEL/preprocessor_config.json" /src/dist-model/ \
+ && { cp "models/out/$MODEL"/model.optimized.* /src/dist-model/ 2>/dev/null || true; }
 
 # 2. The binary (default features: ONNX Runtime loaded at run time from ORT_DYLIB_PATH),
 #    in the `dist` profile: release code, stripped of debug sections (Cargo.toml).
@@ -54,7 +58,9 @@ RUN apt-get update \
 WORKDIR /app
 COPY --from=builder /src/target/dist/search-img /usr/local/bin/search-img
 COPY --from=builder /src/.tools/onnxruntime/libonnxruntime.so /app/lib/libonnxruntime.so
-COPY --from=builder /src/models/out/${MODEL}/model.onnx /src/models/out/${MODEL}/preprocessor_config.json /app/models/${MODEL}/
+# The model, and the graph models/optimize.py saved for it (used when the CPU and the
+# runtime build match the manifest; otherwise model.onnx is loaded as it is).
+COPY --from=builder /src/dist-model/ /app/models/${MODEL}/
 
 # Render sets PORT itself; HOST must be 0.0.0.0 inside a container.
 ENV HOST=0.0.0.0 \

@@ -31,7 +31,6 @@ Needs only numpy, onnx (and onnxruntime for the final self-test, skippable with 
 
 import argparse
 import collections
-import hashlib
 import pickle
 import struct
 import sys
@@ -41,7 +40,8 @@ import zipfile
 import numpy as np
 from onnx import TensorProto, helper
 
-from modelutil import Graph, clip_image_processor_config, make_model, publish_and_report, run_once
+from modelutil import (Graph, clip_image_processor_config, make_model, publish_and_report,
+                       run_once, sha256_file)
 
 IMAGE_SIZE = 224
 BN_EPS = 1e-3
@@ -361,14 +361,6 @@ class Converter:
         if stride == 1 and cin == cout:
             x = self.g.node("Add", [x, inputs], name=f"block{idx}.skip")
         return x, size
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """Helpers shared by the model build scripts in this folder (numpy + onnx + stdlib only)."""
 
+import hashlib
 import json
 import os
 import signal
@@ -12,6 +13,15 @@ from onnx import helper, numpy_helper
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17; loads in any ORT >= 1.13
 RESCALE_1_255 = 1.0 / 255.0
+
+
+def sha256_file(path):
+    """SHA-256 of a file, hex (read in 1 MiB pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def clip_image_processor_config(size, mean, std):

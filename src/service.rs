@@ -225,6 +225,7 @@ impl AppState {
             model_loaded: encoder.is_some(),
             model: encoder.as_ref().map(|e| e.identity().clone()),
             prepacking: encoder.as_ref().map(|e| e.prepacking()),
+            optimized_graph: encoder.as_ref().map(|e| e.optimized()),
             allow_spinning: this.session.allow_spinning,
             stop_spinning_after_run: this.session.stop_spinning_after_run,
             model_runs: encoder.as_ref().map_or(0, |e| e.runs()),
@@ -256,6 +257,9 @@ pub struct Status {
     /// Whether the loaded session prepacks weights (`ORT_PREPACKING=auto` decides by the
     /// model file's size; null before the model loads).
     pub prepacking: Option<bool>,
+    /// Whether the session was built from the optimized graph `make setup` saves beside
+    /// the model file (null before the model loads).
+    pub optimized_graph: Option<bool>,
     /// ONNX Runtime intra-op thread spinning (`ORT_ALLOW_SPINNING`).
     pub allow_spinning: bool,
     /// Spinning ends when each model run returns (`ORT_STOP_SPINNING_AFTER_RUN`).

@@ -187,6 +187,76 @@ fn bad_bytes_give_typed_errors() {
     assert_eq!(enc.runs(), 0);
 }
 
+/// `make setup` saves each model's graph with ONNX Runtime's portable optimizations done
+/// (models/optimize.py). It stands for model.onnx only when its manifest names that
+/// file's hash, this runtime build and this CPU's setting; the vectors are the same, and
+/// so is the model's identity (the stored vectors stay valid).
+#[test]
+fn the_optimized_graph_is_used_only_for_the_file_it_was_made_from() {
+    let shipped = model("efficientnet-lite0-int8");
+    let from_dir = shipped.parent().unwrap();
+    let copy = |files: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in files {
+            std::fs::copy(from_dir.join(f), dir.path().join(f)).unwrap();
+        }
+        dir
+    };
+    let embed = |enc: &Encoder| {
+        let t: Vec<_> = ["chelsea.png", "coffee.png"]
+            .iter()
+            .map(|n| enc.prepare(&photo_bytes(n)).unwrap())
+            .collect();
+        enc.embed_prepared(&t).unwrap()
+    };
+    let at = |dir: &tempfile::TempDir| {
+        Encoder::load(&EncoderOptions::new(dir.path().join("model.onnx"))).unwrap()
+    };
+    let optimized = Encoder::load(&EncoderOptions::new(&shipped)).unwrap();
+    assert!(
+        optimized.optimized(),
+        "make setup writes model.optimized.onnx"
+    );
+
+    let bare = at(&copy(&["model.onnx", "preprocessor_config.json"]));
+    assert!(!bare.optimized());
+    assert_eq!(bare.identity().sha256, optimized.identity().sha256);
+    for (a, b) in embed(&bare).iter().zip(embed(&optimized)) {
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "the optimized graph embeds differently: {diff}"
+        );
+    }
+
+    let all = [
+        "model.onnx",
+        "preprocessor_config.json",
+        "model.optimized.onnx",
+        "model.optimized.json",
+    ];
+    assert!(at(&copy(&all)).optimized(), "a copy of all four files");
+    for (field, value) in [
+        ("source_sha256", "0".repeat(64)),
+        ("onnxruntime_build", "ORT Build Info: another build".into()),
+        ("x64quantprecision", "2".into()),
+    ] {
+        let dir = copy(&all);
+        let path = dir.path().join("model.optimized.json");
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        m[field] = value.into();
+        std::fs::write(&path, m.to_string()).unwrap();
+        let enc = at(&dir);
+        assert!(!enc.optimized(), "used with another {field}");
+        assert_eq!(embed(&enc), embed(&bare), "{field}");
+    }
+}
+
 #[test]
 fn missing_model_is_an_error_not_a_panic() {
     let err = Encoder::load(&EncoderOptions::new("/nonexistent/model.onnx"))

@@ -50,6 +50,7 @@ impl LazyEncoder {
                             sha256 = %&id.sha256[..16],
                             load_ms = start.elapsed().as_millis() as u64,
                             prepacking = enc.prepacking(),
+                            optimized_graph = enc.optimized(),
                             allow_spinning = self.opts.session.allow_spinning,
                             stop_spinning_after_run = self.opts.session.stop_spinning_after_run,
                             "CLIP model loaded successfully ({})",

@@ -63,6 +63,8 @@ pub struct Encoder {
     runs: AtomicU64,
     /// Weight prepacking as resolved for this model file (ORT_PREPACKING=auto).
     prepacking: bool,
+    /// Whether the session was built from the optimized graph beside the file.
+    optimized: bool,
 }
 
 impl Encoder {
@@ -81,19 +83,31 @@ impl Encoder {
         let preprocessing = Preprocessing::from_file(&preprocessor_path(path))?;
         let env = runtime::environment(opts.dylib.as_deref())?;
         let prepacking = opts.session.prepacking_for_file(path);
+        let build = |file: &Path| {
+            opts.session.builder(env, prepacking).and_then(|mut b| {
+                b.commit_from_file(file)
+                    .map_err(|e| load_err(e.to_string()))
+            })
+        };
+        let mut optimized = runtime::optimized_graph(path);
         // Hash the file on another core while ONNX Runtime builds the session.
         let (session, sha256) = std::thread::scope(|s| {
             let hash = s.spawn(|| sha256_file(path));
-            let session = opts.session.builder(env, prepacking).and_then(|mut b| {
-                b.commit_from_file(path)
-                    .map_err(|e| load_err(e.to_string()))
-            });
+            let session = build(optimized.as_ref().map_or(path.as_path(), |o| &o.file));
             (session, hash.join())
         });
-        let session = session?;
         let sha256 = sha256
             .map_err(|_| load_err("hashing panicked".into()))?
             .map_err(|e| load_err(e.to_string()))?;
+        let session = match &optimized {
+            Some(o) if o.source_sha256 != sha256 => {
+                // model.onnx changed after `make setup` optimized it.
+                tracing::warn!(file = %o.file.display(), "the optimized graph is of another model file; loading the model file itself");
+                optimized = None;
+                build(path)?
+            }
+            _ => session?,
+        };
 
         let input_name = session
             .inputs()
@@ -112,6 +126,7 @@ impl Encoder {
             output_name,
             runs: AtomicU64::new(0),
             prepacking,
+            optimized: optimized.is_some(),
         };
         if dim == 0 {
             // Dynamic output width: learn it from one run on a blank image.
@@ -130,6 +145,11 @@ impl Encoder {
     /// Whether the session prepacked the weights (ORT_PREPACKING resolved for this file).
     pub fn prepacking(&self) -> bool {
         self.prepacking
+    }
+
+    /// Whether the session was built from `model.optimized.onnx` (`optimized_graph`).
+    pub fn optimized(&self) -> bool {
+        self.optimized
     }
 
     pub fn preprocessing(&self) -> &Preprocessing {

@@ -106,6 +106,36 @@ pub fn precise_qmm_needed() -> bool {
     }
 }
 
+/// The graph `models/optimize.py` saved beside a model file with ONNX Runtime's portable
+/// optimizations done (`model.optimized.onnx`). Building the default model's session
+/// from it took 12 ms of CPU instead of 24: under 0.1 CPU, 0.1 s of a wake.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OptimizedGraph {
+    pub file: PathBuf,
+    /// What the source file's SHA-256 must be for `file` to stand for it.
+    pub source_sha256: String,
+}
+
+/// `model_path`'s optimized graph, when its manifest says it was made by this ONNX
+/// Runtime build with this CPU's quantized-product setting (`precise_qmm_needed`). The
+/// caller still checks `source_sha256` against the file it hashes. Needs the environment.
+pub fn optimized_graph(model_path: &Path) -> Option<OptimizedGraph> {
+    let dir = model_path.parent()?;
+    let text = std::fs::read_to_string(dir.join("model.optimized.json")).ok()?;
+    let m: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let precise = if precise_qmm_needed() { "1" } else { "0" };
+    let file = dir.join("model.optimized.onnx");
+    let ours = m["onnxruntime_build"].as_str() == Some(ort::info())
+        && m["x64quantprecision"].as_str() == Some(precise)
+        && model_path.file_name() == Some(std::ffi::OsStr::new("model.onnx"))
+        && file.is_file();
+    let source_sha256 = m["source_sha256"].as_str()?.to_string();
+    ours.then_some(OptimizedGraph {
+        file,
+        source_sha256,
+    })
+}
+
 static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
 
 /// The process-wide ONNX Runtime environment, loading the shared library on first use.
