@@ -303,6 +303,14 @@ async fn a_search_waits_for_a_starting_follower_before_it_starts_a_full_pass() {
     first_search(&indexer).await.unwrap();
     assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(indexer.progress().passes, 1, "{:?}", indexer.progress());
+    // ... and only the first searches: the next one does not wait for it again.
+    let t = Instant::now();
+    first_search(&indexer).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "waited again: {:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

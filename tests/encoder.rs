@@ -255,6 +255,12 @@ fn the_optimized_graph_is_used_only_for_the_file_it_was_made_from() {
         assert!(!enc.optimized(), "used with another {field}");
         assert_eq!(embed(&enc), embed(&bare), "{field}");
     }
+    // A damaged optimized file: the model file is loaded instead, not an error.
+    let dir = copy(&all);
+    std::fs::write(dir.path().join("model.optimized.onnx"), b"not a model").unwrap();
+    let enc = at(&dir);
+    assert!(!enc.optimized());
+    assert_eq!(embed(&enc), embed(&bare), "a damaged optimized graph");
 }
 
 #[test]

@@ -99,14 +99,19 @@ impl Encoder {
         let sha256 = sha256
             .map_err(|_| load_err("hashing panicked".into()))?
             .map_err(|e| load_err(e.to_string()))?;
-        let session = match &optimized {
-            Some(o) if o.source_sha256 != sha256 => {
+        let session = match (&optimized, session) {
+            (Some(o), _) if o.source_sha256 != sha256 => {
                 // model.onnx changed after `make setup` optimized it.
                 tracing::warn!(file = %o.file.display(), "the optimized graph is of another model file; loading the model file itself");
                 optimized = None;
                 build(path)?
             }
-            _ => session?,
+            (Some(o), Err(e)) => {
+                tracing::warn!(file = %o.file.display(), error = %e, "the optimized graph does not load; loading the model file itself");
+                optimized = None;
+                build(path)?
+            }
+            (_, session) => session?,
         };
 
         let input_name = session

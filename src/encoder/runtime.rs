@@ -108,7 +108,7 @@ pub fn precise_qmm_needed() -> bool {
 
 /// The graph `models/optimize.py` saved beside a model file with ONNX Runtime's portable
 /// optimizations done (`model.optimized.onnx`). Building the default model's session
-/// from it took 12 ms of CPU instead of 24: under 0.1 CPU, 0.1 s of a wake.
+/// from it took 10-12 ms of CPU instead of 19-22: under 0.1 CPU, 0.1 s of a wake.
 #[derive(Debug, PartialEq, Eq)]
 pub struct OptimizedGraph {
     pub file: PathBuf,

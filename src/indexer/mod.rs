@@ -238,7 +238,13 @@ impl Indexer {
             // instance's full pass, and none is due. Under 0.1 CPU the first search came
             // before it and started a needless full pass (2.3 s at 10,000 products).
             let mut told = self.follower_told.subscribe();
-            let _ = tokio::time::timeout(FOLLOWER_START_WAIT, told.wait_for(|t| *t)).await;
+            if tokio::time::timeout(FOLLOWER_START_WAIT, told.wait_for(|t| *t))
+                .await
+                .is_err()
+            {
+                // Only the first searches wait for a follower that stays silent.
+                self.follower_told.send_replace(true);
+            }
         }
         let pass = {
             let mut s = self.lock();
