@@ -31,7 +31,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from modelutil import sha256_file  # noqa: E402
+from modelutil import sha256_file, write_atomic  # noqa: E402
+from quantize import calibration_batches  # noqa: E402
 from qmm import precise_qmm_needed, set_precise_qmm  # noqa: E402
 
 MANIFEST = "model.optimized.json"
@@ -66,20 +67,16 @@ def build_cpu_s(*paths):
     return [sorted(times[p])[2] for p in paths]
 
 
-def inputs(sess, photos):
-    """A batch of real photos as the model takes them, or random values without any."""
+def inputs(sess, folder, photos):
+    """Two of the photos preprocessed as the service does (quantize.py's calibration
+    feeds), or random values without photos."""
+    name = sess.get_inputs()[0].name
+    if photos:
+        with open(os.path.join(folder, "preprocessor_config.json")) as f:
+            feeds = calibration_batches(photos, json.load(f), name, limit=2)[::2]
+        return {name: np.concatenate([f[name] for f in feeds])}
     shape = [d if isinstance(d, int) else 2 for d in sess.get_inputs()[0].shape]
-    rng = np.random.default_rng(0)
-    batch = rng.standard_normal(shape).astype(np.float32)
-    if photos and len(shape) == 4:
-        from PIL import Image
-
-        names = sorted(n for n in os.listdir(photos) if n.endswith((".png", ".jpg")))[: shape[0]]
-        for i, name in enumerate(names):
-            img = Image.open(os.path.join(photos, name)).convert("RGB").resize(
-                (shape[3], shape[2]))
-            batch[i] = (np.asarray(img, np.float32).transpose(2, 0, 1) / 127.5) - 1.0
-    return {sess.get_inputs()[0].name: batch}
+    return {name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
 
 def manifest(source_sha):
@@ -109,7 +106,7 @@ def optimize(folder, photos):
     tmp = os.path.join(folder, OPTIMIZED + ".tmp")
     session(src, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, save=tmp)
     ref, opt = session(src), session(tmp)
-    feed = inputs(ref, photos)
+    feed = inputs(ref, folder, photos)
     a = np.asarray(ref.run(None, feed)[0], np.float64)
     b = np.asarray(opt.run(None, feed)[0], np.float64)
     diff = float(np.abs(a - b).max())
@@ -124,9 +121,7 @@ def optimize(folder, photos):
     else:
         os.replace(tmp, os.path.join(folder, OPTIMIZED))
     # The manifest last: with it, a declined model is not tried again at each set-up.
-    with open(os.path.join(folder, MANIFEST + ".tmp"), "w") as f:
-        json.dump(want, f, indent=1)
-    os.replace(os.path.join(folder, MANIFEST + ".tmp"), os.path.join(folder, MANIFEST))
+    write_atomic(os.path.join(folder, MANIFEST), json.dumps(want, indent=1).encode())
     print(f"[optimize] {folder}: " + (f"none written: {want['declined']}" if "declined" in want
           else f"wrote {OPTIMIZED}: a session took {after * 1e3:.0f} ms of CPU vs "
           f"{before * 1e3:.0f} ms, outputs within {diff:g}"))

@@ -89,15 +89,17 @@ def output_cosine(float_path, quant_path, batch=2, seed=0, x=None):
     return res
 
 
-def calibration_batches(folder, preprocessor, input_name):
-    """The photos in `folder` (png/jpg), each as itself and mirrored, preprocessed like the
-    service does (shorter side resized bicubic, centre crop, rescale, normalise): one
-    {input_name: [1, 3, H, W]} feed each, for onnxruntime's CalibrationDataReader."""
+def calibration_batches(folder, preprocessor, input_name, limit=None):
+    """The photos in `folder` (png/jpg; the first `limit` of them), each as itself and
+    mirrored, preprocessed like the service does (shorter side resized bicubic, centre
+    crop, rescale, normalise): one {input_name: [1, 3, H, W]} feed each, for
+    onnxruntime's CalibrationDataReader."""
     from PIL import Image
 
     from check_efficientnet import preprocess
 
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    names = names[:limit]
     if not names:
         raise SystemExit(f"--calibrate {folder}: no photos there")
     feeds = []

@@ -25,6 +25,8 @@ pub struct QueryCodes {
     /// Bounds the rounding error of a row's approximate score (see `error_bound`).
     l1: f32,
     own_error: f32,
+    /// The CPU path of its scans, found once a query rather than once a row.
+    level: crate::simd::Level,
 }
 
 impl QueryCodes {
@@ -56,13 +58,14 @@ impl QueryCodes {
             // Each query code is off by at most scale/2, against row values of at most
             // 1 in magnitude (unit vectors): sqrt(dim) bounds their l1 norm.
             own_error: scale / 2.0 * (dim as f32).sqrt(),
+            level: crate::simd::Level::detect(),
         }
     }
 
     /// The approximate dot product with a row's codes.
     #[inline(always)]
     pub fn score(&self, row: &[i8], row_scale: f32) -> f32 {
-        crate::simd::idot(row, &self.codes) as f32 * (row_scale * self.scale)
+        crate::simd::idot_at(self.level, row, &self.codes) as f32 * (row_scale * self.scale)
     }
 
     /// How far `score` can be from the exact dot product of the unit row: each row code

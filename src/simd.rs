@@ -42,11 +42,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_at(Level::detect(), a, b)
 }
 
-/// `a . b` in exact integers (the compact index's approximate scores).
-pub fn idot(a: &[i8], b: &[i16]) -> i32 {
-    idot_at(Level::detect(), a, b)
-}
-
 /// Appends `round(v / scale)` clamped to [-127, 127] for each value to `out`.
 pub fn quantize(v: &[f32], scale: f32, out: &mut Vec<i8>) {
     quantize_at(Level::detect(), v, scale, out)
