@@ -17,7 +17,10 @@ Per model and catalogue size (500 and 10,000 products by default):
      the catalogue pass included): start to first answer;
   3. warm searches at concurrency 1 and 10 (`bench-load load`), a health probe on new
      connections every 50 ms during both;
-  4. the cgroup's peak memory, failcnt and OOM kills, VmHWM, and CPU throttling.
+  4. the cgroup's peak memory, failcnt and OOM kills, VmHWM, and CPU throttling;
+  5. the service's CPU a search (c=1) and an indexed product, beside the bare model's
+     (bench/bare_ort.py on one thread, per model): under a quota the CPU a request
+     decides the latency, and this shows how much of it is the model on this CPU.
 Each setting of BENCH_RF_VARIANTS (default: ORT_ALLOW_SPINNING=false, to measure spinning
 under the quota) repeats 2-4 for the first model on the smallest catalogue.
 
@@ -25,7 +28,7 @@ Knobs: BENCH_RF_MODELS [efficientnet-lite0-int8,efficientnet-lite0], BENCH_RF_SI
 [500,10000], BENCH_RF_CACHE [false] (CACHE_PRODUCTS values to search with), BENCH_RF_CPU
 [0.1], BENCH_RF_MEMORY_MB [512], BENCH_RF_INDEX_LIMIT [1000], BENCH_RF_VARIANTS
 (';'-separated, each VAR=value[,VAR=value]), BENCH_C1_REQUESTS [100], BENCH_C10_REQUESTS
-[60], BENCH_MAX_SECS [10] and the other knobs of bench/run.py. Writes
+[60], BENCH_RF_BARE_RUNS [60], BENCH_MAX_SECS [10] and the other knobs of bench/run.py. Writes
 bench/results/render-free.{json,md}.
 """
 
@@ -46,6 +49,7 @@ CACHES = [c for c in os.environ.get("BENCH_RF_CACHE", "false").split(",") if c]
 CPU = float(os.environ.get("BENCH_RF_CPU", "0.1"))
 MEMORY_MB = int(os.environ.get("BENCH_RF_MEMORY_MB", "512"))
 INDEX_LIMIT = int(os.environ.get("BENCH_RF_INDEX_LIMIT", "1000"))
+BARE_RUNS = int(os.environ.get("BENCH_RF_BARE_RUNS", "60"))
 VARIANTS = [dict(kv.split("=", 1) for kv in v.split(",") if "=" in kv)
             for v in os.environ.get("BENCH_RF_VARIANTS", "ORT_ALLOW_SPINNING=false").split(";")
             if v.strip()]
@@ -189,9 +193,9 @@ def index(model, size, env, uri):
     svc, cg = constrained(name, env, uri) if inside else (
         bench.Service(name, env, uri).start(), None)
     try:
-        t = time.monotonic()
+        t, cpu0 = time.monotonic(), bench.cpu_s(svc.pid)
         code, report = bench.http_json("POST", svc.port, "/api/v1/refresh", timeout=7200)
-        wall = time.monotonic() - t
+        wall, cpu = time.monotonic() - t, bench.cpu_s(svc.pid) - cpu0
         assert code == 200, report
         mem = cg.memory() if cg else None
     finally:
@@ -201,6 +205,7 @@ def index(model, size, env, uri):
     log(f"{name}: embedded {report['embedded']} in {wall:.1f} s "
         f"({'0.1 CPU' if inside else 'unconstrained'})")
     return {"constrained": inside, "wall_s": wall, "embedded": report["embedded"],
+            "cpu_ms_per_product": cpu * 1e3 / max(1, report["embedded"]),
             "peak_rss_mb": svc.peak_mb, "cgroup": mem}
 
 
@@ -214,7 +219,11 @@ def wake_and_search(label, env, uri):
         assert first["ok"] == 1, first
         cpu0 = cg.cpu_stat()
         with Prober(svc.port) as probe:
-            c1 = svc.load(1, bench.C1, warmup=3)
+            svc.load(1, 3)  # warm-up
+            used = bench.cpu_s(svc.pid)
+            c1 = svc.load(1, bench.C1)
+            # The service's CPU a search (the probe's share included): what the quota pays.
+            c1["cpu_ms"] = (bench.cpu_s(svc.pid) - used) * 1e3 / max(1, c1["ok"])
             c10 = svc.load(10, bench.C10)
         cpu1 = cg.cpu_stat()
         mem = cg.memory()
@@ -238,6 +247,39 @@ def wake_and_search(label, env, uri):
         f"c=10 {c10['rps']:.1f} req/s, health p99 {out['health_p99_ms'] or 0:.0f} ms, "
         f"peak {mem['peak_mb']:.0f} MB, oom {mem['oom_kill']}")
     return out
+
+
+def bare_model(path):
+    """The model alone in bare Python ONNX Runtime on one thread (what the quota gives
+    the service): batch-1 latency and batch CPU per image, against which the service's
+    CPU a search and an indexed product are read."""
+    r = bench.run_json([bench.PY, bench.ROOT / "bench/bare_ort.py", "--model", path,
+                        "--input", bench.bare_input(), "--threads", 1, "--arena", "true",
+                        "--prepacking", "auto", "--runs", BARE_RUNS, "--warmup", 5])
+    log(f"bare {path.parent.name}: batch 1 {r['batch1_ms']:.2f} ms, batch {r['batch']} "
+        f"{r['batchB_cpu_ms_per_img']:.2f} ms CPU an image (1 thread)")
+    return {"batch1_ms": r["batch1_ms"], "batch": r["batch"],
+            "batch_cpu_ms_per_img": r["batchB_cpu_ms_per_img"]}
+
+
+def cpu_table(runs):
+    """The service's CPU a request beside the bare model's: how much of the quota is
+    the model, whatever the CPU."""
+    head = ("| model | products | cache | setting | bare model ms, batch 1 | CPU ms a search "
+            "(c=1) | x bare | bare model CPU ms an image, batch | CPU ms an indexed product "
+            "| x bare |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        s, ix, b = r["search"], r.get("index"), r["bare"]
+        per_product = ix["cpu_ms_per_product"] if ix else None
+        ratio = lambda v, base: None if v is None else v / base  # noqa: E731
+        rows.append(
+            f"| {r['model']} | {r['size']} | {r['cache']} | {r['setting']} | "
+            f"{fmt(b['batch1_ms'], 2)} | {fmt(s['c1']['cpu_ms'], 2)} | "
+            f"{fmt(ratio(s['c1']['cpu_ms'], b['batch1_ms']), 2)} | "
+            f"{fmt(b['batch_cpu_ms_per_img'], 2)} ({b['batch']}) | {fmt(per_product, 2)} | "
+            f"{fmt(ratio(per_product, b['batch_cpu_ms_per_img']), 2)} |")
+    return "\n".join(rows)
 
 
 def fmt(v, digits=0):
@@ -282,6 +324,19 @@ def targets(runs):
             ok = v is not None and v <= limit
             lines.append(f"- {r['size']} products, {name}: {fmt(v, 1)} {unit} "
                          f"(target <= {limit:g} {unit}): {'met' if ok else 'NOT met'}")
+        # What the quota allows: a closed-loop c=1 p50 within half a period needs two
+        # searches a period; indexing 500 in 20 s needs 500 products in 20 s of quota.
+        b = r["bare"]
+        search_budget = PERIOD_US * CPU / 1e3 / 2
+        lines.append(f"- {r['size']} products, CPU a search: {fmt(s['c1']['cpu_ms'], 2)} ms "
+                     f"(c=1 p50 <= {TARGETS['c1_p50_ms']:g} ms at {CPU:g} CPU needs <= "
+                     f"{search_budget:g} ms; the bare model alone: {b['batch1_ms']:.2f} ms)")
+        if ix and ix["constrained"] and r["size"] <= 500:
+            budget = TARGETS["index_500_s"] * CPU * 1e3 / 500
+            lines.append(f"- {r['size']} products, CPU an indexed product: "
+                         f"{fmt(ix['cpu_ms_per_product'], 2)} ms (indexing 500 in "
+                         f"{TARGETS['index_500_s']:g} s needs <= {budget:g} ms; the bare "
+                         f"model alone: {b['batch_cpu_ms_per_img']:.2f} ms)")
         oom = s["cgroup"]["oom_kill"]
         lines.append(f"- {r['size']} products, OOM kills: {oom} (target 0): "
                      f"{'met' if oom == 0 else 'NOT met'}")
@@ -310,6 +365,7 @@ def main():
         bench.seed_catalogue(uri, max(SIZES), img_port)
         for model in MODELS:
             path = bench.ROOT / "models/out" / model / "model.onnx"
+            bare = bare_model(path)
             for size in SIZES:
                 env = {"MODEL_PATH": str(path), "MAX_PRODUCTS": str(size),
                        "EMBEDDINGS_COLLECTION": f"rf_{model.replace('-', '_')}_{size}"}
@@ -323,7 +379,7 @@ def main():
                         name = f"rf-{model}-{size}-cache-{cache}-{len(result['runs'])}"
                         s = wake_and_search(name, {**env, "CACHE_PRODUCTS": cache, **extra}, uri)
                         result["runs"].append({"model": model, "size": size, "cache": cache,
-                                               "setting": label, "search": s,
+                                               "setting": label, "search": s, "bare": bare,
                                                "index": ix if label == "default" else None})
     finally:
         for p in reversed(bench.CHILDREN):
@@ -339,6 +395,8 @@ def main():
           f"({int(PERIOD_US * CPU)} us per {PERIOD_US} us) and {MEMORY_MB} MB; "
           f"{bench.C1} searches at c=1, {bench.C10} at c=10; took "
           f"{result['total_s'] / 60:.1f} min.\n\n{table(result['runs'])}\n\n"
+          f"The service's CPU beside the bare model's (one thread):\n\n"
+          f"{cpu_table(result['runs'])}\n\n"
           f"Targets ({MODELS[0]}, CACHE_PRODUCTS={CACHES[0]}):\n\n{targets(result['runs'])}\n")
     print(md)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
