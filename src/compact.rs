@@ -8,7 +8,7 @@
 /// Per-row symmetric int8 quantization: writes `out` (the row's codes), returns the
 /// scale that multiplies them back (0 for an all-zero row).
 pub fn quantize_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
-    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let max = crate::simd::max_abs(v);
     if !max.is_finite() || max == 0.0 {
         out.extend(std::iter::repeat_n(0, v.len()));
         return 0.0;
@@ -34,7 +34,7 @@ impl QueryCodes {
         let dim = q.len().max(1);
         // |sum| <= 127 * top * dim must stay below 2^31.
         let top = (i32::MAX as usize / (127 * dim)).min(i16::MAX as usize) as f32;
-        let max = q.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let max = crate::simd::max_abs(q);
         let scale = if max.is_finite() && max > 0.0 {
             max / top
         } else {

@@ -42,6 +42,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_at(Level::detect(), a, b)
 }
 
+/// The largest `|x|` of `v`, NaNs skipped (0 for an empty slice). A fold through one
+/// accumulator is a serial chain of `maxss` (four cycles each: 1.7 us a 1,280-value
+/// row, most of the time to load a cache); `LANES` accumulators vectorize. The same
+/// value in any order: max is exact, and no -0.0 survives `abs`.
+pub fn max_abs(v: &[f32]) -> f32 {
+    max_abs_at(Level::detect(), v)
+}
+
 /// Appends `round(v / scale)` clamped to [-127, 127] for each value to `out`.
 pub fn quantize(v: &[f32], scale: f32, out: &mut Vec<i8>) {
     quantize_at(Level::detect(), v, scale, out)
@@ -72,6 +80,20 @@ macro_rules! kernel {
 kernel!(dot_at, dot_body, (a: &[f32], b: &[f32]) -> f32);
 kernel!(idot_at, idot_body, (a: &[i8], b: &[i16]) -> i32);
 kernel!(quantize_at, quantize_body, (v: &[f32], scale: f32, out: &mut Vec<i8>) -> ());
+kernel!(max_abs_at, max_abs_body, (v: &[f32]) -> f32);
+
+#[inline(always)]
+fn max_abs_body(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0f32, |m, x| m.max(x.abs()));
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i].abs());
+        }
+    }
+    acc.iter().fold(tail, |m, &x| m.max(x))
+}
 
 #[inline(always)]
 fn dot_body(a: &[f32], b: &[f32]) -> f32 {
@@ -110,10 +132,15 @@ fn idot_body(a: &[i8], b: &[i16]) -> i32 {
 /// Without SSE4.1, `f32::round` is a call to libm's `roundf` for each value.
 #[inline(always)]
 fn quantize_body(v: &[f32], scale: f32, out: &mut Vec<i8>) {
-    out.extend(
-        v.iter()
-            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
-    );
+    out.extend(v.iter().map(|x| {
+        let q = (x / scale).round().clamp(-127.0, 127.0);
+        // NaN to 0 as `as` would; then the value is a whole number within i8, and the
+        // unchecked conversion vectorizes where `as`'s saturating one (branches for
+        // NaN and overflow) was scalar: 1.5 ns a value, 20 ms to load 10,000 rows.
+        let q = if q.is_nan() { 0.0 } else { q };
+        // SAFETY: `q` is finite and within [-127, 127].
+        unsafe { q.to_int_unchecked::<i32>() as i8 }
+    }));
 }
 
 #[cfg(test)]
@@ -140,7 +167,8 @@ mod tests {
             let wide: Vec<i16> = b.iter().map(|x| (x * 65534.0) as i16).collect();
             // Exact halves (ties round away from zero), and values past the clamp.
             let mut q = a.clone();
-            q.extend([0.5, -0.5, 1.5, -2.5, 126.5, 1e9, -1e9, 0.0, -0.0]);
+            q.extend([0.5, -0.5, 1.5, -2.5, 126.5, 1e9, -1e9, 0.0, -0.0, f32::NAN]);
+            q.extend([f32::INFINITY, f32::NEG_INFINITY]);
             let first = (
                 dot_at(levels[0], &a, &b).to_bits(),
                 idot_at(levels[0], &codes, &wide),
@@ -149,7 +177,13 @@ mod tests {
                     quantize_at(levels[0], &q, 1.0 / 127.0, &mut out);
                     out
                 },
+                max_abs_at(levels[0], &a).to_bits(),
             );
+            // The plain fold it replaces, NaNs skipped.
+            let fold = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_eq!(first.3, fold(&a).to_bits(), "{n} values");
+            let mut odd = a.clone();
+            odd.extend([f32::NAN, -0.0, -7.0]);
             for &level in &levels[1..] {
                 let mut out = Vec::new();
                 quantize_at(level, &q, 1.0 / 127.0, &mut out);
@@ -157,13 +191,18 @@ mod tests {
                     dot_at(level, &a, &b).to_bits(),
                     idot_at(level, &codes, &wide),
                     out,
+                    max_abs_at(level, &a).to_bits(),
                 );
                 assert_eq!(got, first, "{level:?}, {n} values");
+                assert_eq!(max_abs_at(level, &odd), fold(&odd), "{level:?}, {n} values");
             }
         }
         let mut out = Vec::new();
-        quantize_at(Level::detect(), &[0.5, -0.5, 1.5, 300.0], 1.0, &mut out);
-        assert_eq!(out, [1, -1, 2, 127]);
+        let v = [0.5, -0.5, 1.5, 300.0, f32::NAN, -1e30];
+        quantize_at(Level::detect(), &v, 1.0, &mut out);
+        assert_eq!(out, [1, -1, 2, 127, 0, -127]);
+        assert_eq!(max_abs(&[f32::NAN, -3.0, 2.0]), 3.0);
+        assert_eq!(max_abs(&[]), 0.0);
         let naive: f32 = values(1, 1280)
             .iter()
             .zip(values(2, 1280))
