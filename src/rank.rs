@@ -14,7 +14,7 @@ use mongodb::Cursor;
 
 use crate::compact::{quantize_row, QueryCodes};
 use crate::simd;
-use crate::store::{le_floats, raw_meta, raw_vector, Attrs, ImageKey, ProductId, StoredMeta};
+use crate::store::{le_floats, Attrs, ImageKey, ProductId, RawEmbedding, StoredMeta};
 
 /// The request filters: products in one of `categories` (any, when empty), priced
 /// within the bounds given (a product without a price is out when a bound is given).
@@ -286,7 +286,8 @@ pub async fn rank_stream(
     let mut top = TopK::for_ask(&ask);
     let mut row = Vec::with_capacity(dim);
     while cursor.advance().await? {
-        let Some(v) = raw_vector(cursor.current(), model) else {
+        let d = RawEmbedding::parse(cursor.current());
+        let Some(v) = d.vector(model) else {
             continue;
         };
         if v.floats.len() != dim * 4 {
@@ -300,10 +301,7 @@ pub async fn rank_stream(
         for query in ask.queries {
             let score = dot(query, &row);
             if top.admits(score)
-                && *passes.get_or_insert_with(|| {
-                    ask.filter
-                        .is_none_or(|f| f.matches(&Attrs::from_raw(cursor.current())))
-                })
+                && *passes.get_or_insert_with(|| ask.filter.is_none_or(|f| f.matches(&d.attrs())))
             {
                 top.push(&v.product, v.url, score);
             }
@@ -639,13 +637,13 @@ impl VectorCache {
         let mut n = 0;
         let mut buf = Vec::with_capacity(self.dim);
         while cursor.advance().await? {
-            let d = cursor.current();
+            let d = RawEmbedding::parse(cursor.current());
             if let Some(metas) = metas.as_deref_mut() {
-                if let Some((id, meta)) = raw_meta(d) {
+                if let Some((id, meta)) = d.meta() {
                     metas.insert(id, meta);
                 }
             }
-            let Some(v) = raw_vector(d, &self.model) else {
+            let Some(v) = d.vector(&self.model) else {
                 continue;
             };
             if v.floats.len() != self.dim * 4 {
@@ -653,8 +651,7 @@ impl VectorCache {
             }
             buf.clear();
             buf.extend(le_floats(v.floats));
-            let updated = d.get_datetime("updated_at").ok().unwrap_or(DateTime::MIN);
-            self.upsert(v.key(), &buf, &Attrs::from_raw(d), updated);
+            self.upsert(v.key(), &buf, &d.attrs(), d.updated_at());
             n += 1;
             if limit.is_some_and(|l| self.approx_bytes() > l) {
                 return Ok(None);
