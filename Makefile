@@ -1,5 +1,5 @@
 # search-img: `make run` serves, `make test` tests. Both install what they need first.
-.PHONY: setup run test lint bench bench-render-free bench-encoder bench-decode monitor fuzz clean-models
+.PHONY: setup run test lint bench bench-render-free bench-wake bench-encoder bench-decode monitor fuzz clean-models
 
 CARGO ?= cargo
 
@@ -31,6 +31,11 @@ bench: setup
 bench-render-free: setup
 	$(CARGO) build --release --quiet --bin search-img --bin bench-load
 	.tools/venv/bin/python bench/render_free.py
+
+# Wakes on Render's free instance, the builds in BENCH_BINS alternated: bench/wake.py.
+bench-wake: setup
+	$(CARGO) build --release --quiet --bin search-img --bin bench-load
+	.tools/venv/bin/python bench/wake.py
 
 monitor:
 	$(CARGO) run --release -- monitor
