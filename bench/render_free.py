@@ -382,12 +382,7 @@ def main():
                                                "setting": label, "search": s, "bare": bare,
                                                "index": ix if label == "default" else None})
     finally:
-        for p in reversed(bench.CHILDREN):
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
-        if mongo_port:
-            bench.stop_mongo(mongo_port)
+        bench.stop_children(mongo_port)
     result["total_s"] = time.monotonic() - bench.T0
     mach = result["machine"]
     md = (f"Machine: {mach['nproc']} cores ({mach['cpu']}), ONNX Runtime {mach['onnxruntime']}, "

@@ -216,6 +216,20 @@ def stop_mongo(port):
                    capture_output=True)
 
 
+def stop_children(mongo_port):
+    """Stops what a bench started (services, image server, monitors), last first, then
+    SecantusDB on `mongo_port` (if one was started)."""
+    for p in reversed(CHILDREN):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if mongo_port:
+        stop_mongo(mongo_port)
+
+
 def make_photos(count):
     out = WORK / "images"
     stamp = out / ".done"
@@ -1036,15 +1050,7 @@ def main():
             result["models"].append(m)
         result["mongo_peak_rss_mb"] = mb(status_kb(mongo_pid, "VmHWM"))
     finally:
-        for p in reversed(CHILDREN):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        if mongo_port:
-            stop_mongo(mongo_port)
+        stop_children(mongo_port)
     result["targets"] = targets(result)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["total_s"] = time.monotonic() - T0

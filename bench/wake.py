@@ -78,12 +78,7 @@ def main():
                 runs[str(b)].append({"cpu_ms": cpu, "first_search_ms": ms})
                 log(f"{b}: CPU {cpu:.0f} ms, first search {ms:.0f} ms")
     finally:
-        for p in reversed(bench.CHILDREN):
-            if p.poll() is None:
-                p.terminate()
-                p.wait(10)
-        if mongo_port:
-            bench.stop_mongo(mongo_port)
+        bench.stop_children(mongo_port)
     mach = bench.machine()
     rows = ["| build | CPU ms to the first answer (median; all) | first search ms (median; all) |",
             "|---|---|---|"]
