@@ -136,7 +136,7 @@ fn quantize_body(v: &[f32], scale: f32, out: &mut Vec<i8>) {
         let q = (x / scale).round().clamp(-127.0, 127.0);
         // NaN to 0 as `as` would; then the value is a whole number within i8, and the
         // unchecked conversion vectorizes where `as`'s saturating one (branches for
-        // NaN and overflow) was scalar: 1.5 ns a value, 20 ms to load 10,000 rows.
+        // NaN and overflow) was scalar: 13 ms for 10,000 rows of 1,280, now 3.
         let q = if q.is_nan() { 0.0 } else { q };
         // SAFETY: `q` is finite and within [-127, 127].
         unsafe { q.to_int_unchecked::<i32>() as i8 }
@@ -184,6 +184,9 @@ mod tests {
             assert_eq!(first.3, fold(&a).to_bits(), "{n} values");
             let mut odd = a.clone();
             odd.extend([f32::NAN, -0.0, -7.0]);
+            for &level in &levels {
+                assert_eq!(max_abs_at(level, &odd), fold(&odd), "{level:?}, {n} values");
+            }
             for &level in &levels[1..] {
                 let mut out = Vec::new();
                 quantize_at(level, &q, 1.0 / 127.0, &mut out);
@@ -194,7 +197,6 @@ mod tests {
                     max_abs_at(level, &a).to_bits(),
                 );
                 assert_eq!(got, first, "{level:?}, {n} values");
-                assert_eq!(max_abs_at(level, &odd), fold(&odd), "{level:?}, {n} values");
             }
         }
         let mut out = Vec::new();
