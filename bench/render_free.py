@@ -172,10 +172,11 @@ class Prober:
         return s[min(len(s) - 1, int(0.99 * len(s)))]
 
 
-def constrained(name, env, uri, settle=True):
-    """A started service inside fresh cgroups: (service, cgroups)."""
+def constrained(name, env, uri, settle=True, binary=None):
+    """A started service (`binary`, BENCH_BIN by default) inside fresh cgroups:
+    (service, cgroups)."""
     cg = Cgroups(name)
-    svc = bench.Service(name, env, uri, prefix=cg.prefix())
+    svc = bench.Service(name, env, uri, prefix=cg.prefix(), binary=binary)
     try:
         svc.start(settle=settle)
     except Exception:
@@ -253,9 +254,7 @@ def bare_model(path):
     """The model alone in bare Python ONNX Runtime on one thread (what the quota gives
     the service): batch-1 latency and batch CPU per image, against which the service's
     CPU a search and an indexed product are read."""
-    r = bench.run_json([bench.PY, bench.ROOT / "bench/bare_ort.py", "--model", path,
-                        "--input", bench.bare_input(), "--threads", 1, "--arena", "true",
-                        "--prepacking", "auto", "--runs", BARE_RUNS, "--warmup", 5])
+    r = bench.bare(path, "true", "auto", threads=1, runs=BARE_RUNS, warmup=5)
     log(f"bare {path.parent.name}: batch 1 {r['batch1_ms']:.2f} ms, batch {r['batch']} "
         f"{r['batchB_cpu_ms_per_img']:.2f} ms CPU an image (1 thread)")
     return {"batch1_ms": r["batch1_ms"], "batch": r["batch"],

@@ -317,11 +317,12 @@ def bare_input():
     return path
 
 
-def bare(model_path, arena, prepacking, spinning="true", stop_spinning="false"):
+def bare(model_path, arena, prepacking, spinning="true", stop_spinning="false",
+         threads=THREADS, runs=BARE_RUNS, warmup=3):
     return run_json([PY, ROOT / "bench/bare_ort.py", "--model", model_path, "--input",
-                     bare_input(), "--threads", THREADS, "--arena", arena, "--prepacking",
+                     bare_input(), "--threads", threads, "--arena", arena, "--prepacking",
                      prepacking, "--spinning", spinning, "--stop-spinning", stop_spinning,
-                     "--runs", BARE_RUNS, "--warmup", 3])
+                     "--runs", runs, "--warmup", warmup])
 
 
 # ORT_PREPACKING=auto prepacks model files up to this size: PREPACK_AUTO_MAX_BYTES in
@@ -373,10 +374,12 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 class Service:
     """`search-img serve` started as a user would, watched from outside."""
 
-    def __init__(self, name, env, mongo_uri, prefix=()):
-        """`prefix`: a command that execs the service (bench/render_free.py's cgroups)."""
+    def __init__(self, name, env, mongo_uri, prefix=(), binary=None):
+        """`prefix`: a command that execs the service (bench/render_free.py's cgroups);
+        `binary`: the build to run (BENCH_BIN by default)."""
         self.name = name
         self.prefix = list(prefix)
+        self.bin = str(binary or BIN)
         self.port = free_port()
         self.dir = WORK / "svc"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +408,7 @@ class Service:
         logf = open(self.log_path, "w")
         t0 = self.t_spawn = time.monotonic()
         # cwd: an empty folder, so no developer's .env leaks in.
-        self.proc = subprocess.Popen([*self.prefix, str(BIN), "serve"], env=self.env,
+        self.proc = subprocess.Popen([*self.prefix, self.bin, "serve"], env=self.env,
                                      cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT)
         CHILDREN.append(self.proc)
         self.pid = self.proc.pid
@@ -426,7 +429,7 @@ class Service:
             time.sleep(0.5)
             self.idle_rss_mb = mb(status_kb(self.pid, "VmRSS"))
         self.monitor = subprocess.Popen(
-            [str(BIN), "monitor", "--url", f"http://127.0.0.1:{self.port}", "--pid",
+            [self.bin, "monitor", "--url", f"http://127.0.0.1:{self.port}", "--pid",
              str(self.pid), "--interval", "2"],
             stdout=open(WORK / "logs" / f"{self.name}.monitor.log", "w"),
             stderr=subprocess.STDOUT, cwd=self.dir)

@@ -34,8 +34,7 @@ log = bench.log
 
 def wake(binary, env, uri, label):
     """One wake of `binary`: (CPU ms to the first answer, first search ms)."""
-    bench.BIN = binary  # what Service.start runs
-    svc, cg = rf.constrained(label, env, uri, settle=False)
+    svc, cg = rf.constrained(label, env, uri, settle=False, binary=binary)
     try:
         cpu0 = bench.cpu_s(svc.pid)
         first = svc.load(1, 1)
@@ -66,8 +65,7 @@ def main():
         env = {"MODEL_PATH": str(bench.ROOT / "models/out" / MODEL / "model.onnx"),
                "MAX_PRODUCTS": str(SIZE), "EMBEDDINGS_COLLECTION": "wake",
                "CACHE_PRODUCTS": "auto", "REQUEST_TIMEOUT_SECS": "7200"}
-        bench.BIN = BINS[-1]
-        svc = bench.Service("wake-index", env, uri).start()
+        svc = bench.Service("wake-index", env, uri, binary=BINS[-1]).start()
         code, report = bench.http_json("POST", svc.port, "/api/v1/refresh", timeout=7200)
         svc.stop()
         assert code == 200, report

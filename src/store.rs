@@ -135,11 +135,6 @@ impl Attrs {
         d.insert("category", self.categories.clone());
         d.insert("price", self.price.map_or(Bson::Null, Bson::Double));
     }
-
-    /// From a raw embedding document (absent fields: none).
-    pub fn from_raw(d: &bson::RawDocument) -> Self {
-        RawEmbedding::parse(d).attrs()
-    }
 }
 
 /// What we know about an image's stored embedding, without its vector.
@@ -673,7 +668,7 @@ mod tests {
             price: Some(12.5),
         };
         assert_eq!(meta.attrs, attrs);
-        assert_eq!(Attrs::from_raw(&d), attrs);
+        assert_eq!(RawEmbedding::parse(&d).attrs(), attrs);
         let v = raw_vector(&d, "m").unwrap();
         assert_eq!((v.key(), decode_vector(v.floats)), (key, vec![1.0, -2.0]));
         assert!(raw_vector(&d, "other").is_none());
@@ -691,7 +686,7 @@ mod tests {
         "status": "failed", "price": "12" });
         assert!(!raw_meta(&failed).unwrap().1.ok);
         assert!(raw_vector(&failed, "m").is_none());
-        assert_eq!(Attrs::from_raw(&failed).price, None);
+        assert_eq!(RawEmbedding::parse(&failed).attrs().price, None);
         let no_url = raw(
             doc! { "product": o, "image_url": 3, "model": "m", "status": "ok",
             "vector": encode_vector(&[0.5]) },
